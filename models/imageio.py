@@ -1,0 +1,129 @@
+"""Decode any image a person may hand us into one RGB picture, or say clearly why not.
+
+This is the single home of image decoding for training (the data cache), the exported learner
+(`RGBImage` is its input type, so `learn.predict(path)` decodes the same way) and the server.
+
+What it takes care of, beyond `PIL.Image.open(...).convert("RGB")`:
+- EXIF orientation: phone photos are stored sideways with a rotation tag; we apply it.
+- animated GIF/WebP/TIFF: the first frame.
+- 16-bit greys ("I;16", "I"): scaled to 8 bits instead of clipped to white.
+- CMYK, palette and alpha: converted; transparency is composited over white, as a browser shows it.
+- decompression bombs: Pillow's pixel limit is set on purpose (`MAX_PIXELS`) and enforced as an error.
+- empty, truncated and non-image files: an `ImageError` with a one-line reason.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from fastai.vision.core import PILImage
+
+__all__ = ["ImageError", "MAX_PIXELS", "IMAGE_EXTENSIONS", "open_image", "RGBImage", "is_image_file"]
+
+# 64 megapixels: a 10,000 x 6,000 camera photo passes, a crafted 50,000 x 50,000 PNG (a few KB on
+# disk, 7.5 GB decoded) does not. Pillow's own default (89 MP) only warns below 2x its limit.
+MAX_PIXELS = 64_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# Lower-case; matching is case-insensitive (`.JPG` from cameras is common).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. `str(err)` is a short reason fit for a person."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit or float greys: stretch the real range to 0..255 rather than clip (PIL's convert
+        # maps every value above 255 to white, which turns a 16-bit scan into a blank page).
+        a = np.asarray(im, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        im = Image.fromarray(a.round().astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `src` (a path, bytes, a binary file object or a PIL image) into a loaded RGB image.
+
+    Raises `ImageError` with a reason a person can act on; never anything else for bad data.
+    """
+    if isinstance(src, Image.Image):
+        im = src
+    else:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            if len(src) == 0:
+                raise ImageError("empty file (0 bytes)")
+            src = io.BytesIO(src)
+        elif isinstance(src, (str, Path)):
+            path = Path(src)
+            if not path.is_file():
+                raise ImageError(f"no such file: {path}")
+            if path.stat().st_size == 0:
+                raise ImageError("empty file (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                # Between MAX_PIXELS and 2x Pillow only warns; make that an error too.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(src)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"image too large (more than {max_pixels:,} pixels); refusing a "
+                             "possible decompression bomb") from None
+        except UnidentifiedImageError:
+            raise ImageError("not an image, or a format Pillow cannot read") from None
+        except OSError as e:
+            raise ImageError(f"unreadable image ({e})") from None
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageError(f"image too large ({w}x{h} = {w*h:,} pixels, limit {max_pixels:,})")
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    try:
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)  # animated GIF/WebP or multi-page TIFF: the first frame
+        im.load()  # decode now, so truncation surfaces here and not inside a DataLoader
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        reason = str(e) or type(e).__name__
+        if "truncated" in reason:
+            reason = "truncated file"
+        raise ImageError(f"unreadable image ({reason})") from None
+
+
+class RGBImage(PILImage):
+    """fastai's `PILImage`, created through `open_image` so that training, `learn.predict` and the
+    server decode alike (EXIF rotation, 16-bit, CMYK, first frame). It is the input type of every
+    exported learner, so it lives here, in an importable module, and is pickled by reference."""
+
+    @classmethod
+    def create(cls, fn: Path | str | bytes | Image.Image | np.ndarray | torch.Tensor, **kwargs) -> "RGBImage":
+        # The type hint is read by fastai (`input_types`): `test_dl` and `predict` accept any of these.
+        if isinstance(fn, cls):
+            return fn
+        if isinstance(fn, torch.Tensor):
+            if fn.ndim == 3 and fn.shape[0] in (1, 3):  # fastai's TensorImage is channels-first
+                fn = fn.permute(1, 2, 0).squeeze(-1)
+            fn = fn.to(torch.uint8).numpy()
+        if isinstance(fn, np.ndarray):
+            fn = Image.fromarray(fn)
+        return cls(open_image(fn))

@@ -1,0 +1,113 @@
+"""`python -m train`: validate the data, fit resnet18, export a model folder. See `--help`."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("train")
+
+
+def checkpoint_path(out: str) -> Path:
+    out = Path(out).expanduser().resolve()
+    return out.parent / f".{out.name}.checkpoint" / "checkpoint.pth"
+
+
+def run(cfg) -> Path:
+    """The whole job for a resolved `TrainConfig`; returns the model folder."""
+    import torch
+    from fastai.torch_core import set_seed
+    from fastai.vision.core import imagenet_stats
+    from train.data import build_dataloaders, load_data
+    from train.export import evaluate, export_model
+    from train.learner import (TrainError, build_learner, find_lr, fit, load_checkpoint, pick_device,
+                               plan_phases)
+
+    t_start = time.perf_counter()
+    set_seed(cfg.seed, reproducible=True)
+    device = pick_device(cfg.device)
+    ckpt = checkpoint_path(cfg.out)
+    resume_state = None
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise TrainError(f"--resume: no checkpoint at {ckpt}; nothing to resume (run without --resume)")
+        resume_state = load_checkpoint(ckpt)
+        saved = resume_state["state"]["config"]
+        for key in ("source", "out", "pretrained", "init", "size", "bs", "epochs"):
+            if saved[key] != getattr(cfg, key):
+                raise TrainError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
+                                 f"{getattr(cfg, key)!r}; use the same settings, or start over without --resume")
+        cfg.lr = saved["lr"]
+    elif ckpt.is_file():
+        log.warning("an interrupted run left %s; starting over (it is replaced after the first epoch). "
+                    "Use --resume to continue it instead.", ckpt)
+
+    cache = load_data(cfg.source, cfg.size, cfg.valid_pct, cfg.seed, cfg.mnist_dir or None,
+                      progress=not cfg.quiet and sys.stderr.isatty())
+    if not cfg.quiet:
+        print(cache.summary.table(), flush=True)
+    if resume_state and resume_state["state"]["classes"] != cache.vocab:
+        raise TrainError("--resume: the classes changed since the checkpoint; start over without --resume")
+
+    if cfg.pretrained:
+        mean, std = imagenet_stats
+    elif cfg.init:
+        from models.contract import read_metadata
+        norm = read_metadata(Path(cfg.init))["normalize"]
+        mean, std = norm["mean"], norm["std"]
+    else:
+        mean, std = cache.stats()
+    dls = build_dataloaders(cache, cfg.bs, mean, std, augment=cfg.augment, flip=cfg.flip, device=device)
+    learn = build_learner(dls, cfg, device, workdir=ckpt.parent)
+
+    if cfg.lr == "auto":
+        lr = find_lr(learn, cfg.quiet)
+        print(f"lr_find suggests {lr:.2e}; using it", flush=True)
+        cfg.lr = f"{lr:.3g}"
+    lr = float(cfg.lr)
+    state = {"config": cfg.as_dict(), "classes": cache.vocab}
+    if resume_state:
+        state["done"] = dict(resume_state["state"].get("done", {}))
+        learn.model.load_state_dict(resume_state["model"])
+        learn.create_opt()
+        if resume_state["opt"] is not None:
+            learn.opt.load_state_dict(resume_state["opt"])
+        print(f"resuming from {ckpt} (epochs done: {state['done']})", flush=True)
+    fit_seconds = fit(learn, plan_phases(cfg, lr), ckpt, state, quiet=cfg.quiet,
+                      resume_from=resume_state["state"] if resume_state else None)
+
+    interp, metrics = evaluate(learn)
+    metrics["_interp"] = interp
+    out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device))
+    shutil.rmtree(ckpt.parent, ignore_errors=True)  # the model folder is complete: the checkpoint is spent
+    if not cfg.quiet:
+        print(f"valid accuracy {metrics['valid_accuracy']:.4f}  fit {fit_seconds:.0f} s  "
+              f"total {time.perf_counter() - t_start:.0f} s  ->  {out}", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    from train.config import parse_config
+    cfg = parse_config(argv)
+    logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    import warnings
+    warnings.filterwarnings("ignore", module="fastai")  # load_learner's pickle warning, deprecations
+    from train.data import DataError
+    from train.learner import TrainError
+    from train.mnist import MnistError
+    from models.contract import ModelFolderError
+    try:
+        run(cfg)
+    except (DataError, TrainError, MnistError, ModelFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        ckpt = checkpoint_path(cfg.out)
+        where = (f"the last finished epoch is saved in {ckpt}; continue with the same command plus --resume"
+                 if ckpt.is_file() else "no epoch had finished, so there is nothing to resume")
+        print(f"\ninterrupted: no model was written to {cfg.out}; {where}", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,147 @@
+"""The one training config: a dataclass the command line fills and every stage reads.
+
+It is saved, resolved, into the model's metadata.json and into each checkpoint, so a model
+says how it was made and `--resume` can check it is continuing the same run.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# MNIST defaults, found by bench/train_mnist.py on a 2-core CPU: 2 epochs of one-cycle at batch 256
+# reach >= 99.3% inside the article's 1-epoch wall time (see README). No augmentation: digits are
+# centred and upright, and 2 epochs are too few for augmentation to pay back.
+MNIST_DEFAULTS = dict(epochs=2, lr=0.01, bs=256, size=28, augment=False)
+# Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
+PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
+
+
+@dataclass
+class TrainConfig:
+    source: str                      # 'mnist' or a folder of class folders
+    out: str = ""                    # model folder to write; default models/<source name>
+    epochs: int = 0                  # passes over the training set (with --pretrained/--init: after 1 frozen epoch)
+    lr: str = ""                     # peak learning rate of the one-cycle schedule, or 'auto' (lr_find)
+    bs: int = 0                      # images per batch
+    size: int = 0                    # images are squished to size x size pixels
+    valid_pct: float = 0.2           # share of each class held out, when the folder is not split already
+    seed: int = 42                   # for the split, the weights' init and the batch order
+    pretrained: bool = False         # start from torchvision's ImageNet weights (torch hub cache)
+    init: str = ""                   # start from the body of a model folder this project exported
+    device: str = "auto"             # auto: CUDA, then MPS, then CPU
+    augment: bool | None = None      # batch-level flips/rotations/zoom/lighting on the training set
+    flip: bool = True                # horizontal flips when augmenting (never for digits)
+    resume: bool = False             # continue from the last checkpoint of the same --out
+    mnist_dir: str = ""              # a local MNIST copy; default $MNIST_DIR, else download
+    quiet: bool = False              # no progress bars or per-epoch lines
+    workers: int = 0                 # image-decoding threads; 0 = 2 x cores, at most 8
+
+    def resolve(self) -> "TrainConfig":
+        """Fill the defaults that depend on the data source and on --pretrained."""
+        is_mnist = self.source == "mnist"
+        d = MNIST_DEFAULTS if is_mnist else PHOTO_DEFAULTS
+        self.epochs = self.epochs or d["epochs"]
+        self.bs = self.bs or d["bs"]
+        self.size = self.size or d["size"] or (224 if self.pretrained else 128)
+        self.lr = self.lr or (str(d["lr"]) if d["lr"] else ("2e-3" if (self.pretrained or self.init) else "3e-3"))
+        if self.augment is None:
+            self.augment = d["augment"]
+        if is_mnist:
+            self.flip = False
+        if not self.out:
+            name = "mnist" if is_mnist else Path(self.source).expanduser().resolve().name
+            self.out = str(Path(__file__).resolve().parents[1] / "models" / name)
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def learning_rate(s: str) -> str:
+    if s == "auto":
+        return s
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}") from None
+    if not 0 < v < 10:
+        raise argparse.ArgumentTypeError(f"learning rate must be in (0, 10), got {v}")
+    return s
+
+
+def fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Fine-tune resnet18 with fastai on MNIST or on folders of photos (one folder per "
+                    "class), then export a model folder that `python -m serve` loads.",
+        epilog="examples:\n"
+               "  python -m train mnist --epochs 1 --out models/mnist\n"
+               "  python -m train path/to/photos --epochs 5 --size 64 --out models/fashion\n"
+               "  python -m train path/to/photos --pretrained --epochs 3 --out models/lotr\n"
+               "  python -m train path/to/photos --init models/mnist --epochs 3\n"
+               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="'mnist', or a folder with one sub-folder per class (optionally inside "
+                                  "train/ + valid/ or training/ + testing/)")
+    p.add_argument("--out", default="", help="model folder to write (default: models/<name of the source>)")
+    p.add_argument("--epochs", type=positive_int, default=0,
+                   help=f"epochs (default: MNIST {MNIST_DEFAULTS['epochs']}, photos {PHOTO_DEFAULTS['epochs']})")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help="peak learning rate, or 'auto' to run fastai's lr_find and use its suggestion "
+                        f"(default: MNIST {MNIST_DEFAULTS['lr']}, photos 3e-3, fine-tuning 2e-3)")
+    p.add_argument("--bs", "--batch-size", dest="bs", type=positive_int, default=0,
+                   help=f"batch size (default: MNIST {MNIST_DEFAULTS['bs']}, photos {PHOTO_DEFAULTS['bs']})")
+    p.add_argument("--size", type=positive_int, default=0,
+                   help="image size in pixels, images are squished to size x size "
+                        "(default: MNIST 28, photos 128, with --pretrained 224)")
+    p.add_argument("--valid-pct", type=fraction, default=0.2,
+                   help="share of each class to validate on, for folders not already split (default 0.2)")
+    p.add_argument("--seed", type=int, default=42, help="random seed for split, init and batch order (default 42)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--pretrained", action="store_true",
+                       help="fine-tune from torchvision's ImageNet weights (torch hub cache; downloaded when online)")
+    start.add_argument("--init", default="", metavar="MODEL_FOLDER",
+                       help="fine-tune from the body of a model folder exported earlier (e.g. models/mnist)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto picks CUDA, then MPS, then CPU; mixed precision on a GPU (default auto)")
+    aug = p.add_mutually_exclusive_group()
+    aug.add_argument("--augment", dest="augment", action="store_true", default=None,
+                     help="batch augmentation: flips, small rotations, zoom, lighting (default for photos)")
+    aug.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation (default for MNIST)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no horizontal flips when augmenting (for text, digits, anything with a handedness)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last checkpoint (same source and --out)")
+    p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding threads (default 2 x cores, at most 8)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values["lr"] = values["lr"] or ""
+    return TrainConfig(**values).resolve()
