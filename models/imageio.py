@@ -89,7 +89,7 @@ def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
         except UnidentifiedImageError:
             raise ImageError("not an image, or a format Pillow cannot read") from None
         except OSError as e:
-            raise ImageError(f"unreadable image ({e})") from None
+            raise ImageError(_unreadable(e)) from None
     w, h = im.size
     if w * h > max_pixels:
         raise ImageError(f"image too large ({w}x{h} = {w*h:,} pixels, limit {max_pixels:,})")
@@ -104,10 +104,14 @@ def open_image(src, max_pixels: int = MAX_PIXELS) -> Image.Image:
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        reason = str(e) or type(e).__name__
-        if "truncated" in reason:
-            reason = "truncated file"
-        raise ImageError(f"unreadable image ({reason})") from None
+        raise ImageError(_unreadable(e)) from None
+
+
+def _unreadable(e: Exception) -> str:
+    reason = str(e) or type(e).__name__
+    if "truncated" in reason.lower():
+        reason = "truncated file"
+    return f"unreadable image ({reason})"
 
 
 class RGBImage(PILImage):

@@ -95,6 +95,7 @@ def main(argv=None) -> int:
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     import warnings
     warnings.filterwarnings("ignore", module="fastai")  # load_learner's pickle warning, deprecations
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*")  # raised inside fastai's imports
     from train.data import DataError
     from train.learner import TrainError
     from train.mnist import MnistError

@@ -251,6 +251,12 @@ def build_dataloaders(cache: ImageCache, bs: int, mean, std, augment: bool = Fal
                       flip: bool = True, device=None) -> DataLoaders:
     """fastai DataLoaders over the cache, with the model's batch transforms (plus augmentation,
     on the training set only) so the Learner sees exactly what the exported model will."""
+    n_train = int((~cache.is_valid).sum())
+    if bs > n_train:
+        # fastai drops the last partial training batch (a batch of 1 breaks BatchNorm): with fewer
+        # images than one batch there would be no batch at all.
+        log.warning("batch size %d is more than the %d training images: using %d", bs, n_train, n_train)
+        bs = n_train
     idx = list(range(len(cache.labels)))
     splits = ([i for i in idx if not cache.is_valid[i]], [i for i in idx if cache.is_valid[i]])
     dsets = Datasets(idx, tfms=[[CachedImage(cache.images)],
