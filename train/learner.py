@@ -65,9 +65,9 @@ class EpochLines(Callback):
         self.old_logger, self.learn.logger = self.learn.logger, self._line
 
     def _line(self, log):
-        if isinstance(log[0], str):  # the header row
-            return
         names = self.recorder.metric_names
+        if isinstance(log[0], str) or len(log) < len(names):  # the header, or an epoch skipped on --resume
+            return
         parts = [f"epoch {log[0] + 1}/{self.n_epoch}"]
         for n, v in zip(names[1:], log[1:]):
             parts.append(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}")

@@ -1,0 +1,329 @@
+"""The training pipeline: data sources, validation, pretrained weights offline, export round trip,
+progress output, interrupt and resume. Real MNIST digits and generated photo folders throughout."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, write_mnist_folder
+from tests.photoset import CLASSES, make_photo_folder
+from train.cli import main
+from train.data import DataError, find_items, load_data
+
+PY = sys.executable
+
+
+def run_cli(args, env=None, timeout=600, **kw):
+    """`python -m train ...` in a fresh process, as a user runs it."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([PY, "-m", "train", *map(str, args)], cwd=ROOT, env=e, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_photo_folder(tmp_path_factory.mktemp("photos"), n_per_class=12)
+
+
+# --------------------------------------------------------------------------- data sources
+
+def test_mnist_from_idx_files(mnist_dir, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    cache = load_data("mnist", 28, progress=False)
+    assert cache.vocab == [str(d) for d in range(10)]
+    assert cache.images.shape == (70_000, 3, 28, 28) and cache.images.dtype == torch.uint8
+    assert int(cache.is_valid.sum()) == 10_000
+    assert cache.summary.train_counts["1"] == 6742 and cache.summary.valid_counts["1"] == 1135
+
+
+def test_mnist_from_folder_layout(mnist_folder, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(mnist_folder))
+    cache = load_data("mnist", 28, progress=False)
+    assert cache.vocab == [str(d) for d in range(10)]
+    assert cache.summary.train_counts == {str(d): 30 for d in range(10)}
+    assert cache.summary.valid_counts == {str(d): 10 for d in range(10)}
+
+
+def test_mnist_folder_layout_matches_idx_pixels(mnist_arrays, mnist_folder, monkeypatch):
+    """Decoding the PNGs through the model's transforms gives the IDX pixels exactly."""
+    monkeypatch.setenv("MNIST_DIR", str(mnist_folder))
+    cache = load_data("mnist", 28, progress=False)
+    first_zero = int(next(i for i, y in enumerate(mnist_arrays.train_labels) if y == 0))
+    want = torch.from_numpy(mnist_arrays.train_images[first_zero].copy())
+    got = cache.images[(cache.labels == 0) & ~cache.is_valid][0]
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+
+
+def test_mnist_missing_copy_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MNIST_DIR", str(tmp_path))
+    assert main(["mnist", "--out", str(tmp_path / "m"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "IDX files" in err and "MNIST_DIR" in err and "Traceback" not in err
+
+
+def test_mnist_offline_without_copy_says_how_to_point_at_one(tmp_path):
+    env = {"MNIST_DIR": "", "FASTAI_HOME": str(tmp_path / "fastai")}
+    r = run_cli(["mnist", "--out", tmp_path / "m", "-q"], env=env, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "could not download MNIST" in r.stderr and "MNIST_DIR" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_folder_split_by_valid_pct_skips_broken_files(photos):
+    cache = load_data(str(photos["root"]), 32, valid_pct=0.25, progress=False)
+    s = cache.summary
+    assert s.classes == list(CLASSES)
+    assert {Path(f).name for f, _ in s.skipped} == {p.name for p in photos["broken"]}
+    reasons = dict((Path(f).name, r) for f, r in s.skipped)
+    assert "empty" in reasons["empty.png"] and "truncated" in reasons["truncated.jpg"]
+    assert "not an image" in reasons["not_really.jpg"]
+    assert s.train_counts["circle"] + s.valid_counts["circle"] == 12  # 15 files: 3 broken, notes.txt ignored
+    assert all(s.valid_counts[c] == 3 for c in CLASSES)
+    assert s.min_size[0] >= 24 and s.max_size[0] < 320
+    assert cache.images.shape[1:] == (3, 32, 32)
+
+
+def test_split_is_fixed_by_seed(photos):
+    a = find_items(photos["root"], 0.2, seed=1)
+    b = find_items(photos["root"], 0.2, seed=1)
+    c = find_items(photos["root"], 0.2, seed=2)
+    valid = lambda items: sorted(str(f) for f, _, v in items if v)  # noqa: E731
+    assert valid(a) == valid(b) != valid(c)
+
+
+@pytest.mark.parametrize("names", [("train", "valid"), ("training", "testing")])
+def test_presplit_folders(tmp_path, names):
+    made = make_photo_folder(tmp_path / "p", n_per_class=10, split=True, broken=False)
+    if names != ("train", "valid"):
+        for old, new in zip(("train", "valid"), names):
+            (made["root"] / old).rename(made["root"] / new)
+    cache = load_data(str(made["root"]), 32, progress=False)
+    assert cache.summary.train_counts == {c: 8 for c in CLASSES}
+    assert cache.summary.valid_counts == {c: 2 for c in CLASSES}
+
+
+# --------------------------------------------------------------------------- validation errors
+
+def _class_dir(root, name, n, start=0):
+    from tests.photoset import draw_shape
+    import random
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        draw_shape("circle", (40, 40), random.Random(i)).save(d / f"{i}.png")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("empty", "no images found"),
+    ("one_class", "only one class"),
+    ("too_few", "too few readable images in class b (3)"),
+    ("no_valid", "has no validation images"),
+    ("a_file", "is not a folder"),
+])
+def test_validation_errors_are_clear(tmp_path, capsys, case, message):
+    root = tmp_path / "data"
+    if case == "empty":
+        root.mkdir()
+        (root / "a").mkdir()
+        (root / "a" / "notes.txt").write_text("no images here")
+    elif case == "one_class":
+        _class_dir(root, "a", 10)
+    elif case == "too_few":
+        _class_dir(root, "a", 10)
+        _class_dir(root, "b", 3)
+    elif case == "no_valid":
+        _class_dir(root / "train", "a", 8)
+        _class_dir(root / "train", "b", 8)
+        _class_dir(root / "valid", "a", 2)
+    elif case == "a_file":
+        root.write_text("not a folder")
+    assert main([str(root), "--out", str(tmp_path / "m"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_flags_are_argparse_errors(tmp_path):
+    r = run_cli(["mnist", "--lr", "fast", "--epochs", "0"])
+    assert r.returncode == 2 and "expected a number or 'auto'" in r.stderr and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- training paths
+
+def test_train_photos_end_to_end_with_line_per_epoch(photos, tmp_path):
+    out = tmp_path / "photos_model"
+    r = run_cli([photos["root"], "--epochs", "2", "--size", "32", "--bs", "16", "--out", out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Not a terminal: one plain line per epoch, no progress-bar redraws in the log.
+    assert "epoch 1/2" in r.stdout and "epoch 2/2" in r.stdout and "valid_loss" in r.stdout
+    assert len(r.stdout) < 5_000 and "|████" not in r.stdout + r.stderr
+    assert "skipping" in r.stderr and "truncated.jpg" in r.stderr
+    assert "skipped files: 3" in r.stdout
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["data"]["n_skipped"] == 3 and meta["config"]["augment"] is True
+    assert meta["classes"] == list(CLASSES) and meta["image_size"] == 32
+
+
+def _fake_imagenet_weights(torch_home: Path) -> None:
+    """torchvision's resnet18 weights under the hub cache's own file name, so fastai's normal
+    `pretrained=True` path loads them with no network."""
+    from torchvision.models import resnet18
+    ckpt = torch_home / "hub" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    torch.save(resnet18().state_dict(), ckpt / "resnet18-f37072fd.pth")
+
+
+def test_pretrained_offline_from_the_hub_cache(photos, tmp_path):
+    _fake_imagenet_weights(tmp_path / "torch")
+    out = tmp_path / "pre"
+    r = run_cli([photos["root"], "--pretrained", "--epochs", "1", "--size", "32", "--out", out, "--bs", "16"],
+                env={"TORCH_HOME": str(tmp_path / "torch")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[frozen] epoch 1/1" in r.stdout and "[unfrozen] epoch 1/1" in r.stdout  # fine_tune's schedule
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["config"]["pretrained"] is True
+    assert meta["normalize"]["mean"] == pytest.approx([0.485, 0.456, 0.406])  # ImageNet statistics
+
+
+def test_pretrained_offline_without_weights_is_a_clear_error(photos, tmp_path):
+    r = run_cli([photos["root"], "--pretrained", "--out", tmp_path / "pre", "-q"],
+                env={"TORCH_HOME": str(tmp_path / "empty_torch")}, timeout=300)
+    assert r.returncode == 2
+    assert "resnet18-f37072fd.pth" in r.stderr and "without --pretrained" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_init_from_an_exported_model_and_lr_auto(mnist_model, photos, tmp_path, capsys):
+    out = tmp_path / "from_mnist"
+    assert main([str(photos["root"]), "--init", str(mnist_model), "--epochs", "1", "--size", "28",
+                 "--bs", "16", "--lr", "auto", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lr_find suggests" in printed
+    meta = json.loads((out / "metadata.json").read_text())
+    mnist_meta = json.loads((mnist_model / "metadata.json").read_text())
+    assert meta["config"]["init"] == str(mnist_model)
+    assert meta["normalize"] == mnist_meta["normalize"]  # the body was trained with those statistics
+    assert meta["config"]["lr"] != "auto" and float(meta["config"]["lr"]) > 0
+
+
+# --------------------------------------------------------------------------- export
+
+EXPECTED_META = {"name", "classes", "arch", "image_size", "normalize", "config", "seed", "data", "metrics",
+                 "training_seconds", "versions", "created", "examples", "lr", "device"}
+
+
+def test_model_folder_is_complete(mnist_model):
+    files = {p.name for p in mnist_model.iterdir()}
+    assert {"model.pkl", "metadata.json", "confusion_matrix.png", "top_losses.png", "README.md", "examples"} <= files
+    meta = json.loads((mnist_model / "metadata.json").read_text())
+    assert EXPECTED_META <= set(meta)
+    assert meta["classes"] == [str(d) for d in range(10)] and meta["arch"] == "resnet18"
+    assert set(meta["versions"]) == {"python", "torch", "torchvision", "fastai", "fastcore", "pillow"}
+    m = meta["metrics"]
+    assert 0.9 <= m["valid_accuracy"] <= 1 and len(m["confusion_matrix"]) == 10
+    assert sum(map(sum, m["confusion_matrix"])) == m["n_valid"] == 500
+    assert set(m["per_class_accuracy"]) == set(meta["classes"])
+    assert meta["data"]["train_counts"]["3"] == 300 and meta["data"]["n_skipped"] == 0
+    assert len(list((mnist_model / "examples").glob("*.png"))) == 30
+    card = (mnist_model / "README.md").read_text()
+    assert f"{m['valid_accuracy']:.2%}" in card and "load_learner" in card
+    assert not list(mnist_model.parent.glob(".*partial*")) and not list(mnist_model.parent.glob(".*checkpoint"))
+
+
+LOAD_IN_FRESH_PROCESS = r"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+from pathlib import Path
+from fastai.learner import load_learner
+from PIL import Image
+folder, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[2:]]
+learn = load_learner(folder / "model.pkl")  # CPU by default
+names = [type(cb).__name__ for cb in learn.cbs]
+by_path = [learn.predict(f)[0] for f in files]
+by_pil = [learn.predict(Image.open(f))[0] for f in files]
+probs, _ = learn.get_preds(dl=learn.dls.test_dl(files))
+print(json.dumps({"path": by_path, "pil": by_pil, "batch": [learn.dls.vocab[i] for i in probs.argmax(1)],
+                  "cbs": names, "device": str(next(learn.model.parameters()).device)}))
+"""
+
+
+def test_export_loads_in_a_fresh_process(mnist_model, mnist_folder):
+    files = sorted((mnist_folder / "testing").rglob("*.png"))[::4]
+    r = subprocess.run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(mnist_model), *map(str, files)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["path"] == got["pil"] == got["batch"]
+    truth = [f.parent.name for f in files]
+    assert sum(p == t for p, t in zip(got["path"], truth)) >= 0.85 * len(files)
+    assert got["device"] == "cpu"
+    assert set(got["cbs"]) <= {"TrainEvalCallback", "Recorder", "CastToTensor"}  # nothing of ours pickled
+
+
+def test_export_replaces_an_old_model_only_when_complete(mnist_model, tmp_path):
+    import shutil
+    from train.export import _swap_into_place
+    out = tmp_path / "m"
+    shutil.copytree(mnist_model, out)
+    new = tmp_path / ".m.partial"
+    new.mkdir()
+    (new / "marker").write_text("new")
+    _swap_into_place(new, out)
+    assert (out / "marker").read_text() == "new" and not new.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+# --------------------------------------------------------------------------- interrupt and resume
+
+def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(mnist_arrays, tmp_path):
+    data = write_mnist_folder(mnist_arrays, tmp_path / "digits", 60, 10)
+    out = tmp_path / "models" / "digits"
+    ckpt = tmp_path / "models" / ".digits.checkpoint" / "checkpoint.pth"
+    args = [data, "--epochs", "3", "--size", "28", "--bs", "32", "--out", out]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([PY, "-m", "train", *map(str, args)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ckpt.exists(), "no checkpoint was written after the first epoch"
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists(), "an interrupted run must not leave a model folder"
+    state = torch.load(ckpt, weights_only=False)["state"]
+    done = state["done"]["scratch"]
+    assert 1 <= done < 3
+
+    r = run_cli([*args, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout
+    assert f"epoch {done + 1}/3" in r.stdout and f"epoch {done}/3" not in r.stdout  # finished epochs skipped
+    assert (out / "model.pkl").is_file() and not ckpt.exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, photos, capsys):
+    assert main([str(photos["root"]), "--resume", "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- full MNIST
+
+@pytest.mark.slow
+def test_full_mnist_one_epoch_reaches_99(mnist_dir, tmp_path):
+    out = tmp_path / "mnist"
+    r = run_cli(["mnist", "--epochs", "1", "--out", out], env={"MNIST_DIR": str(mnist_dir)}, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["metrics"]["n_valid"] == 10_000
+    assert meta["metrics"]["valid_accuracy"] >= 0.990, meta["metrics"]["valid_accuracy"]
