@@ -45,7 +45,7 @@ def run(cfg) -> Path:
                     "Use --resume to continue it instead.", ckpt)
 
     cache = load_data(cfg.source, cfg.size, cfg.valid_pct, cfg.seed, cfg.mnist_dir or None,
-                      progress=not cfg.quiet and sys.stderr.isatty())
+                      progress=not cfg.quiet and sys.stderr.isatty(), workers=cfg.workers or None)
     if not cfg.quiet:
         print(cache.summary.table(), flush=True)
     if resume_state and resume_state["state"]["classes"] != cache.vocab:

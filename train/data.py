@@ -205,7 +205,7 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
 
 
 def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mnist_dir=None,
-              progress: bool = True) -> ImageCache:
+              progress: bool = True, workers: int | None = None) -> ImageCache:
     """Resolve `source` ('mnist' or a folder) into a validated, decoded `ImageCache`."""
     if source == "mnist":
         found = find_mnist(mnist_dir)
@@ -214,9 +214,9 @@ def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mn
         root = found
         items = [(f, f.parent.name, split == "testing") for split in ("training", "testing")
                  for f in sorted((root / split).rglob("*")) if f.is_file() and is_image_file(f)]
-        return decode_items(items, size, f"MNIST folder {root}", progress=progress)
+        return decode_items(items, size, f"MNIST folder {root}", workers, progress)
     items = find_items(Path(source), valid_pct, seed)
-    return decode_items(items, size, str(source), progress=progress)
+    return decode_items(items, size, str(source), workers, progress)
 
 
 # --------------------------------------------------------------------------- batches

@@ -1,0 +1,117 @@
+"""Benchmark: `python -m train mnist` against the article's own fastai pipeline, side by side.
+
+    MNIST_DIR=../shared/data/mnist python bench/train_mnist.py [--skip-default]
+
+Runs, one after the other on the same machine, each as its own process (imports included):
+  1. the article: `ImageDataLoaders.from_folder(path, train='training', valid='testing')` +
+     `vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)` + `fit_one_cycle(1, 0.1)`
+     on fastai's PNG folder layout (written once from the IDX files, before timing);
+  2. ours, `python -m train mnist --epochs 1`: target >= 99.0% in <= 2/3 of (1)'s wall time;
+  3. ours with the documented MNIST defaults, `python -m train mnist`: target >= 99.3% within (1)'s wall time.
+Peak RSS of each process comes from `os.wait4`. Prints one JSON line last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ARTICLE = r"""
+import sys, warnings
+warnings.filterwarnings("ignore")
+from fastai.vision.all import *
+path = Path(sys.argv[1])
+dls = ImageDataLoaders.from_folder(path, train='training', valid='testing')
+learn = vision_learner(dls, resnet18, pretrained=False, loss_func=F.cross_entropy, metrics=accuracy)
+with learn.no_bar(): learn.fit_one_cycle(1, 0.1)
+print("ACCURACY", float(learn.recorder.values[-1][-1]))
+"""
+
+
+def timed(cmd, env=None) -> dict:
+    """Run `cmd`; wall seconds, peak RSS (MB) of that process, exit code and output."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "rc": p.returncode, "output": out}
+
+
+def write_png_layout(mnist_dir: Path, out: Path) -> None:
+    from PIL import Image
+    from train.mnist import load_idx_arrays
+    a = load_idx_arrays(mnist_dir)
+    for split, xs, ys in (("training", a.train_images, a.train_labels), ("testing", a.valid_images, a.valid_labels)):
+        for d in range(10):
+            (out / split / str(d)).mkdir(parents=True, exist_ok=True)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            Image.fromarray(x).save(out / split / str(int(y)) / f"{i}.png")
+
+
+def ours(args, tmp: Path, name: str) -> dict:
+    out = tmp / name
+    r = timed([sys.executable, "-m", "train", "mnist", *args, "--out", str(out)], env={"PYTHONPATH": str(ROOT)})
+    if r["rc"] != 0:
+        sys.exit(f"{name} failed:\n{r['output'][-3000:]}")
+    meta = json.loads((out / "metadata.json").read_text())
+    r["accuracy"] = meta["metrics"]["valid_accuracy"]
+    r["epochs"] = meta["config"]["epochs"]
+    r["fit_seconds"] = meta["training_seconds"]
+    print(f"{name}: {r['accuracy']:.4f} in {r['seconds']} s (fit {r['fit_seconds']} s), peak RSS {r['peak_rss_mb']} MB",
+          flush=True)
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--skip-default", action="store_true", help="skip run 3 (the documented defaults)")
+    args = p.parse_args()
+    mnist_dir = Path(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+    os.environ["MNIST_DIR"] = str(mnist_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        write_png_layout(mnist_dir, tmp / "mnist_png")
+        print(f"wrote the PNG layout in {time.perf_counter() - t:.0f} s (not timed)", flush=True)
+
+        article = timed([sys.executable, "-c", ARTICLE, str(tmp / "mnist_png")])
+        if article["rc"] != 0:
+            sys.exit(f"article pipeline failed:\n{article['output'][-3000:]}")
+        article["accuracy"] = float(article["output"].split("ACCURACY")[-1].split()[0])
+        print(f"article: {article['accuracy']:.4f} in {article['seconds']} s, peak RSS {article['peak_rss_mb']} MB",
+              flush=True)
+
+        one = ours(["--epochs", "1"], tmp, "ours_1_epoch")
+        default = None if args.skip_default else ours([], tmp, "ours_default")
+
+    summary = {
+        "article_seconds": article["seconds"], "article_accuracy": article["accuracy"],
+        "ours_1epoch_seconds": one["seconds"], "ours_1epoch_accuracy": one["accuracy"],
+        "ours_1epoch_time_ratio": round(one["seconds"] / article["seconds"], 3),
+        "ours_1epoch_ok": one["accuracy"] >= 0.990 and one["seconds"] <= article["seconds"] * 2 / 3,
+        "ours_peak_rss_mb": max(one["peak_rss_mb"], default["peak_rss_mb"] if default else 0),
+        "article_peak_rss_mb": article["peak_rss_mb"],
+    }
+    if default:
+        summary.update({
+            "ours_default_epochs": default["epochs"], "ours_default_seconds": default["seconds"],
+            "ours_default_accuracy": default["accuracy"],
+            "ours_default_ok": default["accuracy"] >= 0.993 and default["seconds"] <= article["seconds"],
+        })
+    summary["rss_ok"] = summary["ours_peak_rss_mb"] < 4096
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
