@@ -1,0 +1,114 @@
+"""One server for a model folder: the Gradio UI at `/` and the JSON API at `/v1`, on one FastAPI app.
+
+    from serve.app import build_app, launch
+    app, blocks = build_app("models/mnist")         # nothing listens yet; `app` is an ASGI app
+    launch("models/mnist", host="0.0.0.0", port=7860)  # blocks, like `python -m serve`
+
+Importing this module loads no model and starts nothing. The model is loaded once, by
+`build_app`, and shared by the UI, the API and their batchers through one `Predictor`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.contract import EXAMPLES_DIR, ModelFolder
+from serve.api import Limits, MicroBatcher, build_api
+from serve.predictor import Predictor
+
+__all__ = ["build_app", "launch", "start_in_thread", "RunningServer", "Limits"]
+
+log = logging.getLogger(__name__)
+
+
+def _predictor(model, device) -> Predictor:
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, ModelFolder):
+        return Predictor(model, device=device)
+    return Predictor.load(Path(model), device=device)
+
+
+def build_app(model: Path | str | ModelFolder | Predictor, device: str = "auto", *, limits: Limits = Limits(),
+              top_k: int | None = None, gradio_batch: int | None = None, gradio_concurrency: int | None = 1,
+              queue_size: int = 1024, noop: bool = False):
+    """Load the model (unless given a `Predictor`) and build the app: returns (fastapi_app, gradio_blocks).
+
+    `limits` bounds each HTTP request (files, MB per file) and each forward pass; Gradio uploads
+    get the same per-file limit. `queue_size` bounds Gradio's queue (more waiting requests get a
+    503 instead of growing memory). `noop` serves the same app with functions that do nothing,
+    as the benchmark's baseline. Raises `ModelFolderError` for an unusable model folder."""
+    import gradio as gr
+    from serve.ui import CSS, GRADIO_BATCH, build_ui
+
+    predictor = _predictor(model, device)
+    batcher = MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms)
+    api = build_api(predictor, limits, batcher=batcher)
+    blocks = build_ui(predictor, top_k=top_k, max_batch=gradio_batch or GRADIO_BATCH, batcher=batcher,
+                      concurrency=gradio_concurrency, noop=noop)
+    blocks.queue(default_concurrency_limit=1, max_size=queue_size)
+    examples = predictor.folder.path / EXAMPLES_DIR
+    app = gr.mount_gradio_app(api, blocks, path="/", max_file_size=limits.max_file_bytes, show_error=True, css=CSS,
+                              allowed_paths=[str(examples.resolve())] if examples.is_dir() else None)
+    return app, blocks
+
+
+def _uvicorn_config(app, host: str, port: int, log_level: str = "warning"):
+    import uvicorn
+    # No access log: a line per request costs more than a 28x28 forward pass. Keep-alive as long
+    # as a browser's, so load balancers and clients reuse connections.
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          timeout_keep_alive=30, lifespan="on")
+
+
+def launch(model, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *, log_level: str = "warning",
+           **build_kwargs) -> None:
+    """Build the app and serve it until interrupted (what `python -m serve` runs)."""
+    import uvicorn
+    app, _ = build_app(model, device, **build_kwargs)
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    log.info("serving on http://%s:%d  (UI at /, API at /v1/predict, docs at /v1/docs)", shown, port)
+    server.run()
+
+
+@dataclass
+class RunningServer:
+    """A server started by `start_in_thread`: `url`, and `stop()`."""
+    url: str
+    server: object
+    thread: threading.Thread
+    app: object
+    blocks: object
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        try:
+            self.blocks.close()  # stops Gradio's queue workers
+        except Exception:  # already closed, or never started
+            pass
+
+
+def start_in_thread(model, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
+                    startup_timeout: float = 60.0, **build_kwargs) -> RunningServer:
+    """Serve in a background thread (tests, notebooks); port 0 picks a free port."""
+    import socket
+    import uvicorn
+    app, blocks = build_app(model, device, **build_kwargs)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.05)
+    return RunningServer(f"http://{host}:{port}", server, thread, app, blocks)
