@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
     p.add_argument("model", nargs="?", default=str(ROOT / "models" / "mnist"))
     p.add_argument("--requests", type=int, default=2000, help="requests per phase")
     p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
-    p.add_argument("--max-seconds", type=float, default=180, help="a phase stops after this long")
+    p.add_argument("--max-seconds", type=float, default=300, help="a phase stops after this long")
     p.add_argument("--phases", default="http,gradio,gradio_noop")
     p.add_argument("--gradio-clients", default="gradio_client,gradio_raw",
                    help="clients for the Gradio phases: gradio_client (the library, as the reference "
