@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from models.contract import ModelFolder, load_model_folder
+from models.device import pick_device
 from models.imageio import ImageError
 
 __all__ = ["Prediction", "Predictor", "pick_device", "configure_threads", "available_cpus", "DEFAULT_TOP_K"]
@@ -56,20 +57,6 @@ class Prediction:
     def as_label(self) -> dict[str, float]:
         """The value `gr.Label` takes: class name -> confidence."""
         return dict(self.confidences)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU. An unavailable device is a `ValueError`
-    that says so, rather than a CUDA error on the first request."""
-    from train.learner import TrainError, pick_device as _pick
-    if name.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda (or cuda:N) or mps")
-    if name.startswith("cuda:") and not torch.cuda.is_available():
-        name = "cuda"  # let the check below say that no GPU is visible
-    try:
-        return _pick(name)
-    except TrainError as e:
-        raise ValueError(str(e)) from None
 
 
 def available_cpus() -> int:

@@ -111,6 +111,7 @@ def test_requirements_are_the_training_pins_without_gradio(space):
 def test_the_checkout_is_not_importable_from_the_space(space, mnist_model):
     from serve.space import bundled_packages
     packages = bundled_packages(mnist_model)
+    assert packages == ["models", "serve"]  # serving needs no training code
     p = in_space(space, f"import {', '.join(packages)}; " + "; ".join(f"print({m}.__file__)" for m in packages))
     assert p.returncode == 0, p.stderr
     assert all(Path(f).resolve().is_relative_to(space.resolve()) for f in p.stdout.split())  # the bundled copies

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,14 +24,24 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
+from fastai.optimizer import OptimWrapper
 from fastai.vision.learner import vision_learner
 from fastcore.basics import noop
 from torchvision.models import resnet18
+
+from models.device import DeviceError, pick_device as _pick_device
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pth"
 IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"  # torchvision's file name in the torch hub cache
+
+# fastai's Adam (decoupled weight decay 0.01, betas 0.9/0.99, eps 1e-5), but torch's multi-tensor
+# ("foreach") implementation: fastai's steps each of resnet18's 62 parameter tensors in Python, which
+# cost ~60 ms of every ~0.55 s step at batch 256 on a 2-core CPU; foreach takes a fifth of that.
+# Both are importable, so the exported pickle still holds no lambdas.
+ADAMW = partial(OptimWrapper, opt=partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5,
+                                          weight_decay=0.01, foreach=True))
 
 
 class TrainError(RuntimeError):
@@ -38,17 +49,10 @@ class TrainError(RuntimeError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda: no CUDA GPU is visible to torch (use --device auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainError("--device mps: Apple's MPS backend is not available here (use --device auto or cpu)")
-    return torch.device(name)
+    try:
+        return _pick_device(name)
+    except DeviceError as e:
+        raise TrainError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -114,7 +118,7 @@ def build_learner(dls, cfg, device: torch.device, workdir: Path) -> Learner:
     """resnet18 through `vision_learner`; ImageNet weights through fastai's normal path."""
     try:
         learn = vision_learner(dls, resnet18, pretrained=cfg.pretrained, normalize=False,
-                               loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=workdir, model_dir=".")
+                               loss_func=CrossEntropyLossFlat(), opt_func=ADAMW, metrics=accuracy, path=workdir, model_dir=".")
     except Exception as e:
         if not cfg.pretrained:
             raise
