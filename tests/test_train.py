@@ -239,6 +239,26 @@ def test_model_folder_is_complete(mnist_model):
     assert not list(mnist_model.parent.glob(".*partial*")) and not list(mnist_model.parent.glob(".*checkpoint"))
 
 
+def test_one_pass_evaluation_matches_fastai_interpretation(mnist_model, mnist_folder):
+    """`evaluate` reuses one pass over the data; fastai's own `ClassificationInterpretation` (three
+    passes) must agree with it on the confusion matrix and the losses."""
+    from fastai.interpret import ClassificationInterpretation
+    from fastai.learner import load_learner
+    from PIL import Image
+    from train.export import evaluate
+    learn = load_learner(mnist_model / "model.pkl")
+    files = sorted((mnist_folder / "testing").rglob("*.png"))
+    items = [(Image.open(f).convert("RGB"), f.parent.name) for f in files]
+    dl = learn.dls.test_dl(items, with_labels=True)
+    interp, metrics = evaluate(learn, dl)
+    reference = ClassificationInterpretation.from_learner(learn, dl=dl)
+    assert metrics["confusion_matrix"] == reference.confusion_matrix().tolist()
+    assert metrics["n_valid"] == len(files) == 100
+    assert torch.allclose(interp.losses, reference.losses, atol=1e-5)
+    cm = reference.confusion_matrix()
+    assert metrics["valid_accuracy"] == pytest.approx(cm.trace() / cm.sum())
+
+
 LOAD_IN_FRESH_PROCESS = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
