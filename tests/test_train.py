@@ -259,6 +259,28 @@ def test_one_pass_evaluation_matches_fastai_interpretation(mnist_model, mnist_fo
     assert metrics["valid_accuracy"] == pytest.approx(cm.trace() / cm.sum())
 
 
+def test_last_epoch_validation_is_reused_for_the_export_metrics(mnist_folder, tmp_path):
+    """`fit` keeps the last epoch's validation outputs; scoring them must equal a fresh pass."""
+    from fastai.torch_core import set_seed
+    from train.config import TrainConfig
+    from train.data import build_dataloaders, load_data
+    from train.export import evaluate
+    from train.learner import build_learner, fit, plan_phases
+    set_seed(0, reproducible=True)
+    cfg = TrainConfig(source=str(mnist_folder), out=str(tmp_path / "m"), epochs=2, size=28, bs=32,
+                      lr="0.01", augment=False, quiet=True).resolve()
+    cache = load_data(cfg.source, 28, progress=False)
+    mean, std = cache.stats()
+    learn = build_learner(build_dataloaders(cache, 32, mean, std), cfg, torch.device("cpu"), tmp_path)
+    seconds, kept = fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
+    assert seconds > 0 and kept is not None and len(kept[0]) == len(kept[1]) == 100
+    interp_kept, kept_metrics = evaluate(learn, outputs=kept)
+    interp_fresh, fresh_metrics = evaluate(learn)
+    assert kept_metrics == fresh_metrics
+    assert torch.allclose(interp_kept.losses, interp_fresh.losses, atol=1e-4)
+    assert not any(type(cb).__name__ == "KeepLastValidation" for cb in learn.cbs)  # never exported
+
+
 LOAD_IN_FRESH_PROCESS = r"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")

@@ -75,10 +75,10 @@ def run(cfg) -> Path:
         if resume_state["opt"] is not None:
             learn.opt.load_state_dict(resume_state["opt"])
         print(f"resuming from {ckpt} (epochs done: {state['done']})", flush=True)
-    fit_seconds = fit(learn, plan_phases(cfg, lr), ckpt, state, quiet=cfg.quiet,
+    fit_seconds, last_validation = fit(learn, plan_phases(cfg, lr), ckpt, state, quiet=cfg.quiet,
                       resume_from=resume_state["state"] if resume_state else None)
 
-    interp, metrics = evaluate(learn)
+    interp, metrics = evaluate(learn, outputs=last_validation)
     metrics["_interp"] = interp
     out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device))
     shutil.rmtree(ckpt.parent, ignore_errors=True)  # the model folder is complete: the checkpoint is spent

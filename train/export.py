@@ -25,9 +25,10 @@ EXAMPLES_PER_CLASS = 3
 MAX_EXAMPLE_CLASSES = 20  # the app shows examples as a grid; a few hundred would drown it
 
 
-def evaluate(learn, dl=None):
+def evaluate(learn, dl=None, outputs=None):
     """Validation metrics through fastai's `ClassificationInterpretation`, in one pass over `dl`
-    (default: the validation set)."""
+    (default: the validation set), or in none when `outputs` has the model's raw outputs and the
+    targets on that set already (the last epoch's validation pass)."""
     from fastai.interpret import ClassificationInterpretation
 
     # fastai's `ClassificationInterpretation` runs the whole validation set through the model once
@@ -39,7 +40,12 @@ def evaluate(learn, dl=None):
 
     if dl is None:
         dl = learn.dls[1].new(shuffle=False, drop_last=False)
-    preds, targs, losses = learn.get_preds(dl=dl, with_loss=True)
+    if outputs is None:
+        preds, targs, losses = learn.get_preds(dl=dl, with_loss=True)
+    else:
+        preds, targs = outputs
+        with learn.loss_not_reduced():
+            losses = learn.loss_func(preds, targs)
     interp = OnePass(learn, dl, losses)
     n = preds.shape[1]
     cm = torch.zeros(n, n, dtype=torch.long)
