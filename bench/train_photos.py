@@ -53,6 +53,7 @@ print("ACCURACY", sum(p == f.parent.name for p, f in zip(pred, files)) / len(fil
 
 
 def run(cmd) -> tuple[float, str]:
+    cmd = [str(c) for c in cmd]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     if r.returncode != 0:
@@ -80,16 +81,17 @@ def main() -> None:
         for f in made["broken"]:
             (cleaned / f.relative_to(made["root"])).unlink()
 
-        plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, args.epochs])
+        plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, str(args.epochs)])
         plain = accuracy(out)
         print(f"fastai from_folder (cleaned by hand): {plain:.4f} in {plain_s:.0f} s", flush=True)
 
         ours_s, _ = run([sys.executable, "-m", "train", made["root"], "--size", "64", "--epochs", str(args.epochs),
                          "--out", tmp / "ours", "-q"])
+        n_test = sum(1 for f in test.rglob("*") if f.is_file())
         _, out = run([sys.executable, "-c", OURS_SCORE, tmp / "ours", test])
         ours = accuracy(out)
         print(f"ours (broken files left in): {ours:.4f} in {ours_s:.0f} s", flush=True)
-    print(json.dumps({"per_class": args.per_class, "epochs": args.epochs, "test_images": 120,
+    print(json.dumps({"per_class": args.per_class, "epochs": args.epochs, "test_images": n_test,
                       "fastai_from_folder_accuracy": round(plain, 4), "fastai_from_folder_seconds": round(plain_s, 1),
                       "ours_accuracy": round(ours, 4), "ours_seconds": round(ours_s, 1), "ok": ours >= plain}))
 
