@@ -326,19 +326,26 @@ def test_export_replaces_an_old_model_only_when_complete(mnist_model, tmp_path):
 
 # --------------------------------------------------------------------------- interrupt and resume
 
-def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(mnist_arrays, tmp_path):
+def _default_sigint():
+    # A shell that starts jobs with `&` hands them SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(mnist_arrays, tmp_path, sig):
     data = write_mnist_folder(mnist_arrays, tmp_path / "digits", 60, 10)
     out = tmp_path / "models" / "digits"
     ckpt = tmp_path / "models" / ".digits.checkpoint" / "checkpoint.pth"
     args = [data, "--epochs", "3", "--size", "28", "--bs", "32", "--out", out]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([PY, "-m", "train", *map(str, args)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ckpt.exists(), "no checkpoint was written after the first epoch"
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    proc.send_signal(sig)  # SIGINT is what Ctrl-C sends
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr

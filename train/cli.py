@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,9 +90,24 @@ def run(cfg) -> Path:
     return out
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, `timeout`, docker stop, a batch scheduler) ends a run as Ctrl-C does
+
+
 def main(argv=None) -> int:
     from train.config import parse_config
     cfg = parse_config(argv)
+    catch_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if catch_term:
+        signal.signal(signal.SIGTERM, _stop)
+    try:
+        return _main(cfg)
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(cfg) -> int:
     logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO,
                         format="%(levelname)s: %(message)s", stream=sys.stderr)
     import warnings
