@@ -90,6 +90,6 @@ def test_rgbimage_accepts_path_pil_bytes_array_and_tensor(tmp_path):
     im = Image.new("RGB", (8, 6), (1, 2, 3))
     im.save(tmp_path / "a.png")
     for src in (tmp_path / "a.png", str(tmp_path / "a.png"), im, _png_bytes(im), np.asarray(im),
-                torch.from_numpy(np.asarray(im)).permute(2, 0, 1)):
+                torch.from_numpy(np.array(im)).permute(2, 0, 1)):
         out = RGBImage.create(src)
         assert isinstance(out, RGBImage) and out.size == (8, 6) and out.getpixel((0, 0)) == (1, 2, 3)
