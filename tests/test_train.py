@@ -157,6 +157,20 @@ def test_bad_flags_are_argparse_errors(tmp_path):
     assert r.returncode == 2 and "expected a number or 'auto'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["mnist"], dict(epochs=2, bs=256, lr="0.015", size=28, augment=False, flip=False)),
+    (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.01")),         # one epoch: more, smaller steps
+    (["mnist", "--epochs", "1", "--bs", "64"], dict(bs=64, lr="0.01")),       # a given value always wins
+    (["mnist", "--epochs", "3", "--lr", "0.02"], dict(bs=256, lr="0.02")),
+    (["photos"], dict(epochs=5, bs=64, lr="3e-3", size=128, augment=True)),
+    (["photos", "--pretrained"], dict(lr="2e-3", size=224)),
+])
+def test_defaults_resolve_per_source_and_budget(argv, expected):
+    from train.config import parse_config
+    cfg = parse_config(argv)
+    assert {k: getattr(cfg, k) for k in expected} == expected
+
+
 # --------------------------------------------------------------------------- training paths
 
 def test_train_photos_end_to_end_with_line_per_epoch(photos, tmp_path):
