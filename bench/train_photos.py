@@ -15,7 +15,6 @@ neither pipeline's own split decides. Target: ours >= fastai's. Prints one JSON 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -32,8 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.photoset import FORMATS, exif_rotated_jpeg, save_as  # noqa: E402
-from train.mnist import MnistArrays, find_mnist  # noqa: E402
+from tests.photoset import save_varied, write_broken_files  # noqa: E402
+from train.mnist import MnistArrays, MnistError, find_mnist  # noqa: E402
 
 PLAIN_FASTAI = r"""
 import sys, json, warnings
@@ -103,22 +102,8 @@ def make_digit_photos(root: Path, images: np.ndarray, labels: np.ndarray, per_cl
         d = root / name
         d.mkdir(parents=True)
         for i, idx in enumerate(np.flatnonzero(labels == c)[:per_class]):
-            im = digit_photo(images[idx], rng)
-            if i == 1:
-                exif_rotated_jpeg(im, d / f"{name}_{i}_exif.jpg")
-                continue
-            ext, fmt, mode = FORMATS[(i + c) % len(FORMATS)]
-            save_as(im, d / f"{name}_{i}{ext}", fmt, mode)
-    if not broken:
-        return []
-    d = root / NAMES[0]
-    buf = io.BytesIO()
-    digit_photo(images[0], rng).save(buf, "JPEG")
-    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    (d / "empty.png").write_bytes(b"")
-    (d / "not_really.jpg").write_text("this is text, not a JPEG")
-    (d / "notes.txt").write_text("files that are not images are ignored")
-    return [d / "truncated.jpg", d / "empty.png", d / "not_really.jpg"]
+            save_varied(digit_photo(images[idx], rng), d, name, i, c)
+    return write_broken_files(root / NAMES[0], digit_photo(images[0], rng))[0] if broken else []
 
 
 def main() -> None:
@@ -127,7 +112,10 @@ def main() -> None:
     p.add_argument("--test-per-class", type=int, default=50, help="images per class in the test folder")
     p.add_argument("--epochs", type=int, default=10)
     args = p.parse_args()
-    mnist = find_mnist(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+    try:
+        mnist = find_mnist(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+    except MnistError as e:
+        sys.exit(f"error: {e}")
     if not isinstance(mnist, MnistArrays):
         sys.exit("point MNIST_DIR at the four MNIST IDX files")
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,12 +129,12 @@ def main() -> None:
         for f in broken:
             (cleaned / f.relative_to(photos)).unlink()
 
-        plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, str(args.epochs)])
+        plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, args.epochs])
         plain = accuracy(out)
         plain_valid = float(out.split("VALID")[-1].split()[0])
         print(f"fastai from_folder (cleaned by hand): {plain:.4f} in {plain_s:.0f} s", flush=True)
 
-        ours_s, _ = run([sys.executable, "-m", "train", photos, "--size", "64", "--epochs", str(args.epochs),
+        ours_s, _ = run([sys.executable, "-m", "train", photos, "--size", "64", "--epochs", args.epochs,
                          "--out", tmp / "ours", "-q"])
         n_test = sum(1 for f in test.rglob("*") if f.is_file())
         _, out = run([sys.executable, "-c", OURS_SCORE, tmp / "ours", test])

@@ -60,6 +60,28 @@ def exif_rotated_jpeg(im: Image.Image, path: Path) -> None:
     im.transpose(Image.Transpose.ROTATE_90).save(path, "JPEG", exif=exif.tobytes())
 
 
+def save_varied(im: Image.Image, folder: Path, stem: str, i: int, ci: int) -> None:
+    """Save the i-th picture of class ci the way a real folder mixes them: the second one as an
+    EXIF-rotated JPEG, the others cycling through FORMATS (offset per class)."""
+    if i == 1:
+        exif_rotated_jpeg(im, folder / f"{stem}_{i}_exif.jpg")
+        return
+    ext, fmt, mode = FORMATS[(i + ci) % len(FORMATS)]
+    save_as(im, folder / f"{stem}_{i}{ext}", fmt, mode)
+
+
+def write_broken_files(folder: Path, im: Image.Image) -> tuple[list[Path], list[Path]]:
+    """A truncated JPEG (of `im`), an empty PNG, text named .jpg, and a stray notes.txt.
+    Returns (broken images, ignored non-images)."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "not_really.jpg").write_text("this is text, not a JPEG")
+    (folder / "notes.txt").write_text("files that are not images are ignored")
+    return [folder / "truncated.jpg", folder / "empty.png", folder / "not_really.jpg"], [folder / "notes.txt"]
+
+
 def make_photo_folder(root: Path, n_per_class: int = 12, seed: int = 0, broken: bool = True,
                       split: bool = False) -> dict:
     """Write the folder; returns {'root': Path, 'broken': [paths], 'ignored': [paths]}."""
@@ -71,20 +93,8 @@ def make_photo_folder(root: Path, n_per_class: int = 12, seed: int = 0, broken: 
             sub = root / (("valid" if i % 5 == 0 else "train") if split else "") / c
             sub.mkdir(parents=True, exist_ok=True)
             size = (rng.randrange(24, 320), rng.randrange(24, 320))
-            im = draw_shape(c, size, rng)
-            if i == 1:
-                exif_rotated_jpeg(im, sub / f"{c}_{i}_exif.jpg")
-                continue
-            ext, fmt, mode = FORMATS[(i + ci) % len(FORMATS)]
-            save_as(im, sub / f"{c}_{i}{ext}", fmt, mode)
+            save_varied(draw_shape(c, size, rng), sub, c, i, ci)
     if broken:
         d = root / ("train" if split else "") / CLASSES[0]
-        buf = io.BytesIO()
-        draw_shape(CLASSES[0], (200, 200), rng).save(buf, "JPEG")
-        (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-        (d / "empty.png").write_bytes(b"")
-        (d / "not_really.jpg").write_text("this is text, not a JPEG")
-        broken_files = [d / "truncated.jpg", d / "empty.png", d / "not_really.jpg"]
-        (d / "notes.txt").write_text("files that are not images are ignored")
-        ignored = [d / "notes.txt"]
+        broken_files, ignored = write_broken_files(d, draw_shape(CLASSES[0], (200, 200), rng))
     return {"root": root, "broken": broken_files, "ignored": ignored}
