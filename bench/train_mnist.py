@@ -89,12 +89,18 @@ def main() -> None:
                    help="alternate the article and our 1-epoch run this many times; ratios are per pair, "
                         "and the median pair counts (the machine's speed drifts over minutes)")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     mnist_dir = Path(os.environ.get("MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
     os.environ["MNIST_DIR"] = str(mnist_dir)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t = time.perf_counter()
-        write_png_layout(mnist_dir, tmp / "mnist_png")
+        from train.mnist import MnistError
+        try:
+            write_png_layout(mnist_dir, tmp / "mnist_png")
+        except MnistError as e:
+            sys.exit(f"error: {e}")
         print(f"wrote the PNG layout in {time.perf_counter() - t:.0f} s (not timed)", flush=True)
         pairs = []
         for i in range(args.repeats):

@@ -97,7 +97,8 @@ def _stop(signum, frame):
 def main(argv=None) -> int:
     from train.config import parse_config
     cfg = parse_config(argv)
-    catch_term = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    catch_term = (threading.current_thread() is threading.main_thread()  # signal.signal works only there
+                  and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)   # a handler someone set wins
     if catch_term:
         signal.signal(signal.SIGTERM, _stop)
     try:

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 # MNIST defaults, from runs on a 2-core CPU (seed 42, one-cycle, no augmentation). Two epochs at
-# batch 256, lr 0.015: 99.30%, in the article pipeline's wall time (327 s vs 325 s side by side);
-# at batch 128, lr 0.01 two epochs gave 99.15% and took longer (256 costs ~10% less per image).
+# batch 256, lr 0.015: 99.30%, in about the article pipeline's wall time (327 s vs 325 s, and 348 s
+# vs 315 s, side by side); at batch 128, lr 0.01 two epochs gave 99.15% and took longer.
 # One epoch favours more, smaller steps: batch 128 at lr 0.01 reaches 99.01-99.07%, where 192 gets
 # 98.87% and 256 98.83-98.99%; lr 0.02 (98.77%) and 0.005 (98.96%) were both worse. So a one-epoch
 # run gets MNIST_ONE_EPOCH's batch and lr unless they are given.
