@@ -251,6 +251,8 @@ def test_model_folder_is_complete(mnist_model):
     card = (mnist_model / "README.md").read_text()
     assert f"{m['valid_accuracy']:.2%}" in card and "load_learner" in card
     assert not list(mnist_model.parent.glob(".*partial*")) and not list(mnist_model.parent.glob(".*checkpoint"))
+    # Trained at 28 px on CPU, so with train.smallmaps' shortcuts: none of them is pickled.
+    assert b"smallmaps" not in (mnist_model / "model.pkl").read_bytes()
 
 
 def test_one_pass_evaluation_matches_fastai_interpretation(mnist_model, mnist_folder):

@@ -1,0 +1,82 @@
+"""The training shortcuts for 3x3 convolutions on 1x1 and 2x2 maps: exact, taken where they
+apply, and gone after the block."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from fastai.vision.learner import create_vision_model
+from torch import nn
+from torchvision.models import resnet18
+
+from train.smallmaps import small_map_convs
+
+
+def _outputs_and_grads(model, x, y):
+    model.zero_grad()
+    out = model(x)
+    nn.functional.cross_entropy(out, y).backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+# 28 px: layer3 on 2x2 maps (stride 1), layer4's first conv 2x2 -> 1x1 (stride 2), then 1x1 maps.
+# 20 px: layer3 starts from a 3x3 map (normal path), then the same shortcuts. 64 px: layer4 on 2x2.
+# 48 px: layer4 on 2x2 reached from an odd 3x3 map. 96 px: no map below 3x3, all normal.
+@pytest.mark.parametrize("size", [28, 20, 64, 48, 96])
+def test_resnet18_outputs_and_gradients_are_unchanged(size):
+    torch.manual_seed(0)
+    plain = create_vision_model(resnet18, 10, pretrained=False).double().train()
+    fast = copy.deepcopy(plain)
+    x = torch.randn(8, 3, size, size, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    torch.manual_seed(1)  # the same dropout masks in the head
+    ref_out, ref_grads = _outputs_and_grads(plain, x, y)
+    with small_map_convs(fast):
+        torch.manual_seed(1)
+        out, grads = _outputs_and_grads(fast, x, y)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 1), ((2, 2), 2), ((1, 2), 1), ((3, 3), 1)])
+def test_a_conv_with_bias_matches(hw, stride):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, 3, stride=stride, padding=1, bias=True).double()
+    x = torch.randn(4, 5, *hw, dtype=torch.float64, requires_grad=True)
+    ref = conv(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
+    with small_map_convs(conv):
+        out = conv(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch):
+    """resnet18 has 20 convolutions; at 28 px, 7 of them see 1x1 or 2x2 maps (layer3's three
+    stride-1 convs, all four of layer4's 3x3 convs) and must not reach the normal convolution."""
+    model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
+    calls = []  # (made after the model: fastai sizes its head with a forward pass of its own)
+    normal = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, *a: calls.append(self) or normal(self, *a))
+    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    model(x)
+    assert len(calls) == 20
+    calls.clear()
+    with small_map_convs(model):
+        model(x)
+    assert len(calls) == 13
+
+
+def test_removed_after_the_block_even_on_error():
+    model = resnet18()
+    with pytest.raises(KeyboardInterrupt):
+        with small_map_convs(model):
+            assert "forward" in model.layer4[0].conv1.__dict__
+            raise KeyboardInterrupt
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+    with small_map_convs(model, enabled=False):
+        assert not [m for m in model.modules() if "forward" in m.__dict__]

@@ -1,0 +1,65 @@
+"""Exact shortcuts for 3x3 convolutions on 1x1 and 2x2 feature maps, used while training on CPU.
+
+At MNIST's 28 px, resnet18's last stage sees 1x1 maps and the one before it 2x2 maps (32 px and
+64 px photos likewise). A 3x3 convolution with padding 1 there multiplies mostly padding: on a 1x1
+map only the centre tap meets the input (1 of 9), on a 2x2 map 16 of the 36 (tap, position) pairs.
+oneDNN computes all of them, and its weight gradients for these shapes are slow: profiled at batch
+256 on a 2-core CPU, layer4's and layer3's convolutions took ~200 of a ~520 ms training step.
+Here they are written as the matrix products they really are. Same weights, same outputs and
+gradients (equal to 1e-14 in float64; tested), so the model that is exported is a plain resnet18.
+
+The shortcuts are instance attributes set for the length of a `with` block and always removed,
+so nothing of this module is pickled with the learner.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# For a 2x2 map, stride 1, padding 1: the kernel tap that links output position p to input
+# position q (positions in row-major order (0,0), (0,1), (1,0), (1,1)) is (qh - ph + 1, qw - pw + 1).
+_POS = torch.tensor([(0, 0), (0, 1), (1, 0), (1, 1)])
+_TAP_H = _POS[None, :, 0] - _POS[:, None, 0] + 1   # [p, q]
+_TAP_W = _POS[None, :, 1] - _POS[:, None, 1] + 1
+
+
+def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    if (h, w) == (1, 1) and self.stride == (1, 1):
+        # Only the centre tap meets the input: a linear layer on the channels.
+        return F.linear(x.reshape(n, c), self.weight[:, :, 1, 1], self.bias)[:, :, None, None]
+    if (h, w) == (2, 2) and self.stride == (2, 2):
+        # One output position, whose window covers the input with the kernel's bottom-right 2x2.
+        return F.linear(x.reshape(n, c * 4), self.weight[:, :, 1:, 1:].flatten(1), self.bias)[:, :, None, None]
+    if (h, w) == (2, 2) and self.stride == (1, 1):
+        # Every output position sees every input position through one tap: a (4 out x 4 in)
+        # block matrix of taps, one product instead of 9 taps at 4 positions over mostly padding.
+        o = self.weight.shape[0]
+        taps = self.weight[:, :, _TAP_H.to(x.device), _TAP_W.to(x.device)]      # (o, c, p, q)
+        big = taps.permute(0, 2, 1, 3).reshape(o * 4, c * 4)                    # rows (o, p), cols (c, q)
+        bias = None if self.bias is None else self.bias.repeat_interleave(4)
+        return F.linear(x.reshape(n, c * 4), big, bias).view(n, o, 2, 2)
+    return self._conv_forward(x, self.weight, self.bias)
+
+
+def _eligible(m: nn.Module) -> bool:
+    return (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.padding == (1, 1)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
+@contextlib.contextmanager
+def small_map_convs(model: nn.Module, enabled: bool = True):
+    """Within the block, the model's 3x3 convolutions take the shortcuts when their input is 1x1
+    or 2x2 (any other size runs the normal convolution)."""
+    patched = [m for m in model.modules() if _eligible(m)] if enabled else []
+    for m in patched:
+        m.forward = types.MethodType(_forward, m)
+    try:
+        yield model
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
