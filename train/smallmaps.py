@@ -22,9 +22,13 @@ from torch import nn
 
 # For a 2x2 map, stride 1, padding 1: the kernel tap that links output position p to input
 # position q (positions in row-major order (0,0), (0,1), (1,0), (1,1)) is (qh - ph + 1, qw - pw + 1).
-_POS = torch.tensor([(0, 0), (0, 1), (1, 0), (1, 1)])
-_TAP_H = _POS[None, :, 0] - _POS[:, None, 0] + 1   # [p, q]
-_TAP_W = _POS[None, :, 1] - _POS[:, None, 1] + 1
+# As a one-hot (9 taps, 16 (p, q) pairs) matrix, so that gathering the taps is a small matrix
+# product, whose backward is one too (advanced indexing's backward, index_put, cost 3x more).
+_POS = [(0, 0), (0, 1), (1, 0), (1, 1)]
+_SELECT = torch.zeros(9, 16)
+for _p, (_ph, _pw) in enumerate(_POS):
+    for _q, (_qh, _qw) in enumerate(_POS):
+        _SELECT[(_qh - _ph + 1) * 3 + (_qw - _pw + 1), _p * 4 + _q] = 1.0
 
 
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,8 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         # Every output position sees every input position through one tap: a (4 out x 4 in)
         # block matrix of taps, one product instead of 9 taps at 4 positions over mostly padding.
         o = self.weight.shape[0]
-        taps = self.weight[:, :, _TAP_H.to(x.device), _TAP_W.to(x.device)]      # (o, c, p, q)
+        select = _SELECT.to(self.weight.device, self.weight.dtype)
+        taps = (self.weight.reshape(o * c, 9) @ select).view(o, c, 4, 4)       # (o, c, p, q)
         big = taps.permute(0, 2, 1, 3).reshape(o * 4, c * 4)                    # rows (o, p), cols (c, q)
         bias = None if self.bias is None else self.bias.repeat_interleave(4)
         return F.linear(x.reshape(n, c * 4), big, bias).view(n, o, 2, 2)
