@@ -7,6 +7,7 @@ that `--resume` can skip finished phases and restart a phase at the epoch after 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -209,7 +210,7 @@ def plan_phases(cfg, lr: float) -> list[Phase]:
 
 def find_lr(learn: Learner, quiet: bool) -> float:
     """fastai's `lr_find`, run quietly; returns its 'valley' suggestion."""
-    with learn.no_bar() if quiet or not sys.stdout.isatty() else _nullcontext(), _shortcuts(learn):
+    with learn.no_bar() if quiet or not sys.stdout.isatty() else contextlib.nullcontext(), _shortcuts(learn):
         suggestion = learn.lr_find(show_plot=False)
     return float(suggestion.valley)
 
@@ -217,11 +218,6 @@ def find_lr(learn: Learner, quiet: bool) -> float:
 def _shortcuts(learn: Learner):
     # Measured on CPU only (oneDNN); cuDNN and MPS keep their own convolutions.
     return small_map_convs(learn.model, enabled=next(learn.model.parameters()).device.type == "cpu")
-
-
-class _nullcontext:
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
 
 
 def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet: bool = False,
