@@ -8,15 +8,13 @@ Chromium: Debian's `chromium` package, at /usr/bin/chromium (or CHROMIUM=path).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
+
+from tests.servers import serve_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -28,33 +26,8 @@ TIMEOUT_MS = 60_000  # a busy 2-core machine can take many seconds for a first r
 @pytest.fixture(scope="module")
 def served(mnist_model):
     """The exact command a user runs, on a free port; its URL while it runs."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "serve", str(mnist_model), "--port", str(port), "--quiet"],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"python -m serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if requests.get(url + "/v1/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("python -m serve did not answer within 180 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with serve_process(mnist_model) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")
