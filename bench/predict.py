@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("--no-cli", action="store_true", help="skip the end-to-end run of `python -m serve.predict`")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from serve.__main__ import quiet_known_warnings
+    from serve.source import quiet_known_warnings
     quiet_known_warnings()  # as `python -m serve.predict` does
 
     import torch

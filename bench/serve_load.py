@@ -248,7 +248,7 @@ def load_digits(model: str, folder: Path, n: int = 256) -> list[tuple[bytes, str
     from serve.predictor import Predictor
     from train.mnist import load_idx_arrays
     arrays = load_idx_arrays(Path(os.environ.get("MNIST_DIR") or ROOT.parent / "shared" / "data" / "mnist"))
-    from serve.__main__ import quiet_known_warnings
+    from serve.source import quiet_known_warnings
     quiet_known_warnings()
     predictor = Predictor.load(model, device="cpu")
     pngs, truths = [], []

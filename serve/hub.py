@@ -34,29 +34,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from models.cli import run_cli
+from serve.source import HF_PREFIX, TRUST_REMOTE_CODE_HELP
 from models.contract import (CARD_FILE, EXAMPLES_DIR, METADATA_FILE, MODEL_FILE, ModelFolderError,
                              read_metadata)
 
-__all__ = ["HF_SCHEME", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "stage_model_repo",
+__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "stage_model_repo",
            "model_card", "write_pyproject", "push_model", "check_model_folder", "describe_upload", "hub_token",
            "explain", "check_repo_id", "main"]
 
 log = logging.getLogger(__name__)
 
-HF_SCHEME = "hf://"
 PYPROJECT_FILE = "pyproject.toml"  # the file `from_pretrained_fastai` checks versions in
 # The Hub id of the dataset `python -m train mnist` downloads; other sources are local folders with
 # no Hub id, named in the card by their folder name only (a local path means nothing to readers).
 MNIST_HUB_DATASET = "ylecun/mnist"
 CARD_TAGS = ["fastai", "vision", "image-classification"]
-
-# For serve/__main__.py's `--trust-remote-code` (and `pull` here): the help says why it exists.
-TRUST_REMOTE_CODE_HELP = (
-    "allow loading an hf:// model from a repo outside your own namespace (your Hugging Face user "
-    "name or one of your organisations). model.pkl is a Python pickle, and unpickling runs any code "
-    "its author put in it: pass this only for repos whose authors you trust. Without a token, or "
-    "offline, who you are cannot be checked and every repo needs it.")
-
 
 class HubError(ModelFolderError):
     """A Hub operation that cannot go on; the message is one line, fit for a person."""
@@ -68,9 +61,9 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     """'hf://someone/name@rev' -> ('someone/name', 'rev'); the revision is optional."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
-    if not spec.startswith(HF_SCHEME):
+    if not spec.startswith(HF_PREFIX):
         raise HubError(f"{spec!r} is not a Hub model: write hf://<namespace>/<name>[@<revision>]")
-    repo_id, _, revision = spec[len(HF_SCHEME):].strip("/").partition("@")
+    repo_id, _, revision = spec[len(HF_PREFIX):].strip("/").partition("@")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -399,21 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
-    try:
+
+    def body():
         if args.command == "push":
             url = push_model(args.folder, args.repo, private=args.private, hub_dataset=args.dataset,
                              license=args.license, out=args.out, dry_run=args.dry_run)
             if not args.dry_run:
-                print(f"pushed: {url}\nserve it with: python -m serve {HF_SCHEME}{args.repo}")
+                print(f"pushed: {url}\nserve it with: python -m serve {HF_PREFIX}{args.repo}")
         else:
             print(resolve_model(args.spec, trust_remote_code=args.trust_remote_code))
-    except ModelFolderError as e:  # HubError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, (ModelFolderError,))  # HubError included
 
 
 if __name__ == "__main__":

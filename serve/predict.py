@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from serve.__main__ import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
+from models.cli import non_negative_int, positive_int, run_cli
+from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.predict", description=__doc__.split("\n")[0])
     p.add_argument("model", help="model folder written by `python -m train` (or hf://owner/name[@revision])")
     p.add_argument("paths", nargs="+", help="image files and folders")
-    p.add_argument("--top-k", type=int, default=None, help="classes per image (default 3, or fewer if the model has fewer)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="classes per image (default 3, or fewer if the model has fewer)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument("--csv", type=Path, default=None, metavar="OUT.csv", help="also write the results to a CSV file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"decoding processes (default: one per CPU core, at most {MAX_WORKERS}); "
                         "0 decodes in one thread beside the model")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help=f"torch threads per forward pass; {FORWARD_THREADS} passes run at once "
                         "(default: the CPU cores not decoding, shared; at least 1)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
@@ -132,8 +133,6 @@ def classify_files(predictor, paths, top_k=None, as_json=False, csv_path=None, b
 
 def run(args) -> int:
     from serve.predictor import Predictor, configure_threads
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError("--top-k must be at least 1")
     predictor = Predictor.load(resolve_folder(args.model, args.trust_remote_code), device=args.device)
     workers = default_workers() if args.workers is None else args.workers
     threads = configure_threads(0, args.threads or default_threads(workers))
@@ -149,11 +148,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from models.contract import ModelFolderError
-    try:
-        return run(args)
-    except (ModelFolderError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: run(args), (ModelFolderError, ValueError, OSError))
 
 
 if __name__ == "__main__":

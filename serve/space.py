@@ -31,6 +31,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+from models.cli import run_cli
 from models.contract import MODEL_FILE, ModelFolderError
 from serve.hub import HubError, check_model_folder, describe_upload, explain, hub_token, check_repo_id
 
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per HTTP request otherwise
-    try:
+
+    def body():
         check_repo_id(args.repo)
         out = args.out if args.out is not None else ROOT / "build" / "space" / args.repo.split("/")[-1]
         folder = build_space(args.model, out, args.repo, title=args.title, emoji=args.emoji, license=args.license)
@@ -253,16 +255,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{' (private)' if args.private else ''}:\n{describe_upload(folder)}", flush=True)
         if args.dry_run:
             print(f"dry run: nothing uploaded; try it locally with: cd {folder} && python app.py")
-            return 0
+            return
         url = upload_space(folder, args.repo, private=args.private)
         print(f"deployed: {url} (the Space builds and starts in a few minutes)")
-    except ModelFolderError as e:  # HubError included
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, (ModelFolderError,))  # HubError included
 
 
 if __name__ == "__main__":

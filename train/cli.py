@@ -117,16 +117,16 @@ def _main(cfg) -> int:
     from train.data import DataError
     from train.learner import TrainError
     from train.mnist import MnistError
+    from models.cli import run_cli
     from models.contract import ModelFolderError
-    try:
-        run(cfg)
-    except (DataError, TrainError, MnistError, ModelFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+
+    def interrupted() -> str:
         ckpt = checkpoint_path(cfg.out)
         where = (f"the last finished epoch is saved in {ckpt}; continue with the same command plus --resume"
                  if ckpt.is_file() else "no epoch had finished, so there is nothing to resume")
-        print(f"\ninterrupted: no model was written to {cfg.out}; {where}", file=sys.stderr)
-        return 130
-    return 0
+        return f"\ninterrupted: no model was written to {cfg.out}; {where}"
+
+    def body() -> None:
+        run(cfg)
+
+    return run_cli(body, (DataError, TrainError, MnistError, ModelFolderError), interrupted)

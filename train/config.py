@@ -9,6 +9,8 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from models.cli import non_negative_int, positive_int, seed_int
+
 # MNIST defaults, from runs on a 2-core CPU (seed 42, one-cycle). Two epochs at batch 256, lr 0.02,
 # with batch augmentation (small rotations, zoom, warp, lighting; no flips): 99.30% in 197 s where
 # the article's pipeline took 305 s. Without augmentation two epochs stop at 99.28-99.29% (lr 0.01,
@@ -66,16 +68,6 @@ class TrainConfig:
         return asdict(self)
 
 
-def positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
 def learning_rate(s: str) -> str:
     if s == "auto":
         return s
@@ -127,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: MNIST 28, photos 128, with --pretrained 224)")
     p.add_argument("--valid-pct", type=fraction, default=0.2,
                    help="share of each class to validate on, for folders not already split (default 0.2)")
-    p.add_argument("--seed", type=int, default=42, help="random seed for split, init and batch order (default 42)")
+    p.add_argument("--seed", type=seed_int, default=42,
+                   help="random seed for split, init and batch order, 0 to 2**32-1 (default 42)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--pretrained", action="store_true",
                        help="fine-tune from torchvision's ImageNet weights (torch hub cache; downloaded when online)")
@@ -146,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint (same source and --out)")
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
-    p.add_argument("--workers", type=int, default=0, help="image-decoding threads (default 2 x cores, at most 8)")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="image-decoding threads (default, or 0: 2 x cores, at most 8)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
     return p
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.cli import positive_int, seed_int
 from train.mnist import MnistArrays, MnistError, find_mnist
 
 __all__ = ["STAGES", "Config", "DigitData", "load_digits", "init_params", "mnist_loss",
@@ -448,17 +449,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the two digits; the first is class 1 (default: 5 4)")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), metavar="STAGE",
                    help=f"stages to run, in this order (default: all): {', '.join(STAGES)}")
-    p.add_argument("--seed", type=int, default=Config.seed, help="seed for every start and shuffle")
+    p.add_argument("--seed", type=seed_int, default=Config.seed, help="seed for every start and shuffle")
     p.add_argument("--json", action="store_true", help="one JSON object per stage instead of text")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1: these models are tiny, and spare cores keep "
                         "timings steady on a shared machine)")
     p.add_argument("--mnist-dir", help="MNIST folder (default: MNIST_DIR, else fastai's download)")
     args = p.parse_args(argv)
     if args.digits[0] == args.digits[1]:
         p.error(f"--digits needs two different digits, got {args.digits[0]} twice")
-    if args.threads < 1:
-        p.error("--threads must be at least 1")
     return args
 
 
