@@ -93,3 +93,75 @@ def test_rgbimage_accepts_path_pil_bytes_array_and_tensor(tmp_path):
                 torch.from_numpy(np.array(im)).permute(2, 0, 1)):
         out = RGBImage.create(src)
         assert isinstance(out, RGBImage) and out.size == (8, 6) and out.getpixel((0, 0)) == (1, 2, 3)
+
+
+# --------------------------------------------------------------------------- reduced decoding
+
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A camera-like picture: gradients, stripes and blotchy noise, so JPEG and resizing do real work."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    noise = rng.normal(0, 25, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    a = np.stack([xx / w * 255, yy / h * 255, (xx + yy) % 512 / 2], -1) + noise + 40 * np.sin(xx / 37.0)[..., None]
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def _jpeg_bytes(im, **kw):
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def _resized(im, s=64):
+    return np.asarray(im.resize((s, s), Image.BILINEAR), dtype=np.float32)
+
+
+@pytest.mark.parametrize("encode", [_jpeg_bytes, _png_bytes], ids=["jpeg", "png"])
+def test_reduced_decoding_keeps_twice_the_target_and_the_picture(encode):
+    im = _photo(1600, 1000)
+    data = encode(im)
+    reduced = open_image(data, size=64)
+    # JPEG: the DCT scale 1/8 (200 x 125) is still >= 2 x 64 in both sides; then no further reduce.
+    # PNG: reduce by 7 (1600 // 128, 1000 // 128) -> 229 x 143.
+    assert min(reduced.size) >= 128 and reduced.size[0] < 1600
+    assert reduced.mode == "RGB"
+    diff = np.abs(_resized(reduced) - _resized(open_image(data)))
+    assert diff.mean() < 1.5 and np.percentile(diff, 99) < 12  # the same picture at 64 px
+
+
+def test_reduced_decoding_leaves_small_images_alone():
+    im = _photo(100, 90)
+    for data in (_jpeg_bytes(im), _png_bytes(im)):
+        assert np.array_equal(np.asarray(open_image(data, size=64)), np.asarray(open_image(data)))
+
+
+def test_reduced_decoding_applies_exif_rotation_and_keeps_the_margin(tmp_path):
+    im = _photo(1200, 400)
+    im.paste((255, 0, 0), (0, 0, 100, 400))  # red strip on the left
+    exif_rotated_jpeg(im, tmp_path / "r.jpg")
+    out = open_image(tmp_path / "r.jpg", size=48)
+    assert out.size[0] > out.size[1] and min(out.size) >= 96  # upright again, >= 2 x 48 px
+    x, y = out.size[0] // 40, out.size[1] // 2
+    r, g, b = out.getpixel((x, y))
+    assert r > 180 and g < 100
+
+
+def test_reduced_decoding_of_cmyk_grey_and_sixteen_bit(tmp_path):
+    base = _photo(900, 700)
+    for mode, fmt in (("CMYK", "JPEG"), ("L", "JPEG"), ("I;16", "PNG")):
+        path = tmp_path / f"x_{mode.replace(';', '')}.{fmt.lower()}"
+        save_as(base, path, fmt, mode)
+        out = open_image(path, size=32)
+        assert out.mode == "RGB" and min(out.size) >= 64 and out.size[0] < 900, mode
+        diff = np.abs(_resized(out, 32) - _resized(open_image(path), 32))
+        assert diff.mean() < 3.0, mode  # the DCT-scaled decode averages 8x8 blocks: not bit-equal
+
+
+def test_reduced_decoding_still_refuses_a_bomb_by_its_stored_size():
+    bomb = _png_bytes(Image.new("1", (12_000, 12_000)))
+    with pytest.raises(ImageError, match="too large"):
+        open_image(bomb, size=32)
+    # a JPEG header over the limit is refused before any (reduced) decode, too
+    big = _jpeg_bytes(Image.new("L", (9000, 8000)))
+    with pytest.raises(ImageError, match="too large"):
+        open_image(big, size=32)
