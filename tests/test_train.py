@@ -16,7 +16,7 @@ import torch
 from tests.conftest import ROOT, write_mnist_folder
 from tests.photoset import CLASSES, make_photo_folder
 from train.cli import main
-from train.data import DataError, find_items, load_data
+from train.data import load_data
 
 PY = sys.executable
 
@@ -81,7 +81,8 @@ def test_folder_split_by_valid_pct_skips_broken_files(photos):
     cache = load_data(str(photos["root"]), 32, valid_pct=0.25, progress=False)
     s = cache.summary
     assert s.classes == list(CLASSES)
-    assert {Path(f).name for f, _ in s.skipped} == {p.name for p in photos["broken"]}
+    # recorded relative to the data folder, never as this machine's path
+    assert {f for f, _ in s.skipped} == {f"circle/{p.name}" for p in photos["broken"]}
     reasons = dict((Path(f).name, r) for f, r in s.skipped)
     assert "empty" in reasons["empty.png"] and "truncated" in reasons["truncated.jpg"]
     assert "not an image" in reasons["not_really.jpg"]
@@ -92,11 +93,51 @@ def test_folder_split_by_valid_pct_skips_broken_files(photos):
 
 
 def test_split_is_fixed_by_seed(photos):
-    a = find_items(photos["root"], 0.2, seed=1)
-    b = find_items(photos["root"], 0.2, seed=1)
-    c = find_items(photos["root"], 0.2, seed=2)
-    valid = lambda items: sorted(str(f) for f, _, v in items if v)  # noqa: E731
-    assert valid(a) == valid(b) != valid(c)
+    a, b, c = (load_data(str(photos["root"]), 32, 0.2, seed, progress=False) for seed in (1, 1, 2))
+    assert torch.equal(a.is_valid, b.is_valid) and not torch.equal(a.is_valid, c.is_valid)
+    assert torch.equal(a.images, b.images)  # the same readable images, in the same order
+
+
+def _broken_files(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"broken_{i}.png").write_bytes(b"")  # an empty file: unreadable
+
+
+def test_unreadable_files_take_no_validation_places(tmp_path):
+    """The split is drawn among the readable images: a class with broken files still gets its 20%."""
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _broken_files(root / "a", 5)
+    _class_dir(root, "b", 10)
+    for seed in range(6):
+        s = load_data(str(root), 32, 0.2, seed, progress=False).summary
+        assert s.valid_counts == {"a": 2, "b": 2} and s.train_counts == {"a": 8, "b": 8}, seed
+        assert len(s.skipped) == 5
+
+
+def test_a_class_with_just_enough_readable_images_always_trains(tmp_path):
+    """5 readable images and a broken one: whichever seed, 1 is validated on and 4 learned from.
+    (Split before decoding, the broken file could be the one validation pick, and the run was told
+    to 'drop the train/valid split' of a folder that has none.)"""
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _class_dir(root, "b", 5)
+    _broken_files(root / "b", 1)
+    for seed in range(30):
+        s = load_data(str(root), 32, 0.2, seed, progress=False).summary
+        assert (s.train_counts["b"], s.valid_counts["b"]) == (4, 1), seed
+
+
+def test_too_few_readable_images_in_an_unsplit_folder(tmp_path, capsys):
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _class_dir(root, "b", 4)
+    _broken_files(root / "b", 2)
+    assert main([str(root), "--out", str(tmp_path / "m"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: too few readable images in class b (4)" in err and "2 unreadable file(s)" in err
+    assert "split" not in err and "Traceback" not in err  # this folder has no split to drop
 
 
 @pytest.mark.parametrize("names", [("train", "valid"), ("training", "testing")])
