@@ -424,6 +424,107 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, photos, capsys):
     assert "nothing to resume" in capsys.readouterr().err
 
 
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A real checkpoint after epoch 1 of 2, left by a run stopped the way Ctrl-C stops it; returns
+    (the run's arguments, a fresh copy of the checkpoint each time it is called)."""
+    import shutil
+    import train.learner
+    base = tmp_path_factory.mktemp("resume")
+    data = make_photo_folder(base / "photos", n_per_class=10)["root"]
+    out = base / "models" / "m"
+    args = [str(data), "--epochs", "2", "--size", "32", "--bs", "16", "--lr", "0.005", "--out", str(out), "-q"]
+    save = train.learner.save_checkpoint
+
+    def save_then_stop(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train.learner, "save_checkpoint", save_then_stop)
+    try:
+        assert main(args) == 130
+    finally:
+        mp.undo()
+    ckpt = out.parent / ".m.checkpoint" / "checkpoint.pth"
+    kept = base / "kept.pth"
+    shutil.copy(ckpt, kept)
+
+    def restore() -> Path:
+        ckpt.parent.mkdir(exist_ok=True)
+        shutil.copy(kept, ckpt)
+        return ckpt
+    return args, restore
+
+
+def _with(args, flag, value=None):
+    """`args` with `flag` set to `value` (replaced if present), or added as a switch."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag] if value is None else [flag, value]
+    return args
+
+
+@pytest.mark.parametrize("flag, value, saved", [
+    ("--seed", "7", "seed=42"),              # re-splits the folder: trained-on images would be validated on
+    ("--valid-pct", "0.3", "valid_pct=0.2"),
+    ("--no-augment", None, "augment=True"),
+    ("--no-flip", None, "flip=True"),
+    ("--lr", "0.05", "lr='0.005'"),          # was silently replaced by the checkpoint's
+    ("--epochs", "3", "epochs=2"),
+    ("--bs", "8", "bs=16"),
+])
+def test_resume_refuses_a_setting_that_changes_the_run(interrupted, flag, value, saved, capsys):
+    args, restore = interrupted
+    ckpt = restore()
+    assert main(_with(args, flag, value) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint was made with " + saved) and "without --resume" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ckpt.is_file()  # nothing of the interrupted run is lost
+
+
+def test_resume_refuses_changed_data(interrupted, capsys):
+    from tests.photoset import draw_shape
+    import random
+    args, restore = interrupted
+    restore()
+    extra = Path(args[0]) / "square" / "added_later.png"
+    draw_shape("square", (40, 40), random.Random(0)).save(extra)
+    try:
+        assert main(args + ["--resume"]) == 2
+    finally:
+        extra.unlink()
+    assert "error: --resume: the data changed since the checkpoint" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_saved_lr_and_accepts_what_does_not_change_the_result(interrupted, capsys):
+    """An omitted --lr means the checkpoint's; --device, --workers and --quiet may differ."""
+    args, restore = interrupted
+    restore()
+    args = [a for i, a in enumerate(args) if a != "--lr" and args[i - 1] != "--lr"]
+    assert main(_with(_with(args, "--workers", "1"), "--device", "cpu") + ["--resume"]) == 0, capsys.readouterr().err
+    meta = json.loads((Path(args[args.index("--out") + 1]) / "metadata.json").read_text())
+    assert meta["lr"] == 0.005 and meta["config"]["lr"] == "0.005"
+
+
+@pytest.mark.parametrize("given, saved_given, ok", [
+    ("", "0.005", True),        # omitted: the checkpoint's
+    ("0.005", "0.005", True),
+    ("5e-3", "0.005", True),    # the same number written another way
+    ("auto", "auto", True),     # the same command again: lr_find's pick is in the checkpoint
+    ("auto", "0.005", False),
+    ("0.01", "auto", False),
+])
+def test_resume_lr_rule(given, saved_given, ok):
+    from train.config import TrainConfig
+    saved = TrainConfig(source="photos", epochs=2, lr="0.005").resolve().as_dict()
+    cfg = TrainConfig(source="photos", epochs=2, lr=given, resume=True).resolve()
+    assert (cfg.resume_conflict(saved, saved_given) is None) == ok
+
+
 # --------------------------------------------------------------------------- full MNIST
 
 @pytest.mark.slow
