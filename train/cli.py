@@ -19,7 +19,6 @@ def checkpoint_path(out: str) -> Path:
 
 def run(cfg) -> Path:
     """The whole job for a resolved `TrainConfig`; returns the model folder."""
-    import torch
     from fastai.torch_core import set_seed
     from fastai.vision.core import imagenet_stats
     from train.data import build_dataloaders, load_data
