@@ -16,7 +16,7 @@ import torch
 from tests.conftest import ROOT, write_mnist_folder
 from tests.photoset import CLASSES, make_photo_folder
 from train.cli import main
-from train.data import DataError, find_items, load_data
+from train.data import load_data
 
 PY = sys.executable
 
@@ -81,7 +81,8 @@ def test_folder_split_by_valid_pct_skips_broken_files(photos):
     cache = load_data(str(photos["root"]), 32, valid_pct=0.25, progress=False)
     s = cache.summary
     assert s.classes == list(CLASSES)
-    assert {Path(f).name for f, _ in s.skipped} == {p.name for p in photos["broken"]}
+    # recorded relative to the data folder, never as this machine's path
+    assert {f for f, _ in s.skipped} == {f"circle/{p.name}" for p in photos["broken"]}
     reasons = dict((Path(f).name, r) for f, r in s.skipped)
     assert "empty" in reasons["empty.png"] and "truncated" in reasons["truncated.jpg"]
     assert "not an image" in reasons["not_really.jpg"]
@@ -92,11 +93,51 @@ def test_folder_split_by_valid_pct_skips_broken_files(photos):
 
 
 def test_split_is_fixed_by_seed(photos):
-    a = find_items(photos["root"], 0.2, seed=1)
-    b = find_items(photos["root"], 0.2, seed=1)
-    c = find_items(photos["root"], 0.2, seed=2)
-    valid = lambda items: sorted(str(f) for f, _, v in items if v)  # noqa: E731
-    assert valid(a) == valid(b) != valid(c)
+    a, b, c = (load_data(str(photos["root"]), 32, 0.2, seed, progress=False) for seed in (1, 1, 2))
+    assert torch.equal(a.is_valid, b.is_valid) and not torch.equal(a.is_valid, c.is_valid)
+    assert torch.equal(a.images, b.images)  # the same readable images, in the same order
+
+
+def _broken_files(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"broken_{i}.png").write_bytes(b"")  # an empty file: unreadable
+
+
+def test_unreadable_files_take_no_validation_places(tmp_path):
+    """The split is drawn among the readable images: a class with broken files still gets its 20%."""
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _broken_files(root / "a", 5)
+    _class_dir(root, "b", 10)
+    for seed in range(6):
+        s = load_data(str(root), 32, 0.2, seed, progress=False).summary
+        assert s.valid_counts == {"a": 2, "b": 2} and s.train_counts == {"a": 8, "b": 8}, seed
+        assert len(s.skipped) == 5
+
+
+def test_a_class_with_just_enough_readable_images_always_trains(tmp_path):
+    """5 readable images and a broken one: whichever seed, 1 is validated on and 4 learned from.
+    (Split before decoding, the broken file could be the one validation pick, and the run was told
+    to 'drop the train/valid split' of a folder that has none.)"""
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _class_dir(root, "b", 5)
+    _broken_files(root / "b", 1)
+    for seed in range(30):
+        s = load_data(str(root), 32, 0.2, seed, progress=False).summary
+        assert (s.train_counts["b"], s.valid_counts["b"]) == (4, 1), seed
+
+
+def test_too_few_readable_images_in_an_unsplit_folder(tmp_path, capsys):
+    root = tmp_path / "data"
+    _class_dir(root, "a", 10)
+    _class_dir(root, "b", 4)
+    _broken_files(root / "b", 2)
+    assert main([str(root), "--out", str(tmp_path / "m"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error: too few readable images in class b (4)" in err and "2 unreadable file(s)" in err
+    assert "split" not in err and "Traceback" not in err  # this folder has no split to drop
 
 
 @pytest.mark.parametrize("names", [("train", "valid"), ("training", "testing")])
@@ -225,7 +266,7 @@ def test_init_from_an_exported_model_and_lr_auto(mnist_model, photos, tmp_path, 
     assert "lr_find suggests" in printed
     meta = json.loads((out / "metadata.json").read_text())
     mnist_meta = json.loads((mnist_model / "metadata.json").read_text())
-    assert meta["config"]["init"] == str(mnist_model)
+    assert meta["config"]["init"] == mnist_model.name  # its name: no path of this machine in the metadata
     assert meta["normalize"] == mnist_meta["normalize"]  # the body was trained with those statistics
     assert meta["config"]["lr"] != "auto" and float(meta["config"]["lr"]) > 0
 
@@ -381,6 +422,107 @@ def test_ctrl_c_keeps_the_checkpoint_and_resume_finishes(mnist_arrays, tmp_path,
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, photos, capsys):
     assert main([str(photos["root"]), "--resume", "--out", str(tmp_path / "x"), "-q"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A real checkpoint after epoch 1 of 2, left by a run stopped the way Ctrl-C stops it; returns
+    (the run's arguments, a fresh copy of the checkpoint each time it is called)."""
+    import shutil
+    import train.learner
+    base = tmp_path_factory.mktemp("resume")
+    data = make_photo_folder(base / "photos", n_per_class=10)["root"]
+    out = base / "models" / "m"
+    args = [str(data), "--epochs", "2", "--size", "32", "--bs", "16", "--lr", "0.005", "--out", str(out), "-q"]
+    save = train.learner.save_checkpoint
+
+    def save_then_stop(*a, **kw):
+        save(*a, **kw)
+        raise KeyboardInterrupt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train.learner, "save_checkpoint", save_then_stop)
+    try:
+        assert main(args) == 130
+    finally:
+        mp.undo()
+    ckpt = out.parent / ".m.checkpoint" / "checkpoint.pth"
+    kept = base / "kept.pth"
+    shutil.copy(ckpt, kept)
+
+    def restore() -> Path:
+        ckpt.parent.mkdir(exist_ok=True)
+        shutil.copy(kept, ckpt)
+        return ckpt
+    return args, restore
+
+
+def _with(args, flag, value=None):
+    """`args` with `flag` set to `value` (replaced if present), or added as a switch."""
+    args = list(args)
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag] if value is None else [flag, value]
+    return args
+
+
+@pytest.mark.parametrize("flag, value, saved", [
+    ("--seed", "7", "seed=42"),              # re-splits the folder: trained-on images would be validated on
+    ("--valid-pct", "0.3", "valid_pct=0.2"),
+    ("--no-augment", None, "augment=True"),
+    ("--no-flip", None, "flip=True"),
+    ("--lr", "0.05", "lr='0.005'"),          # was silently replaced by the checkpoint's
+    ("--epochs", "3", "epochs=2"),
+    ("--bs", "8", "bs=16"),
+])
+def test_resume_refuses_a_setting_that_changes_the_run(interrupted, flag, value, saved, capsys):
+    args, restore = interrupted
+    ckpt = restore()
+    assert main(_with(args, flag, value) + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: the checkpoint was made with " + saved) and "without --resume" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ckpt.is_file()  # nothing of the interrupted run is lost
+
+
+def test_resume_refuses_changed_data(interrupted, capsys):
+    from tests.photoset import draw_shape
+    import random
+    args, restore = interrupted
+    restore()
+    extra = Path(args[0]) / "square" / "added_later.png"
+    draw_shape("square", (40, 40), random.Random(0)).save(extra)
+    try:
+        assert main(args + ["--resume"]) == 2
+    finally:
+        extra.unlink()
+    assert "error: --resume: the data changed since the checkpoint" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_saved_lr_and_accepts_what_does_not_change_the_result(interrupted, capsys):
+    """An omitted --lr means the checkpoint's; --device, --workers and --quiet may differ."""
+    args, restore = interrupted
+    restore()
+    args = [a for i, a in enumerate(args) if a != "--lr" and args[i - 1] != "--lr"]
+    assert main(_with(_with(args, "--workers", "1"), "--device", "cpu") + ["--resume"]) == 0, capsys.readouterr().err
+    meta = json.loads((Path(args[args.index("--out") + 1]) / "metadata.json").read_text())
+    assert meta["lr"] == 0.005 and meta["config"]["lr"] == "0.005"
+
+
+@pytest.mark.parametrize("given, saved_given, ok", [
+    ("", "0.005", True),        # omitted: the checkpoint's
+    ("0.005", "0.005", True),
+    ("5e-3", "0.005", True),    # the same number written another way
+    ("auto", "auto", True),     # the same command again: lr_find's pick is in the checkpoint
+    ("auto", "0.005", False),
+    ("0.01", "auto", False),
+])
+def test_resume_lr_rule(given, saved_given, ok):
+    from train.config import TrainConfig
+    saved = TrainConfig(source="photos", epochs=2, lr="0.005").resolve().as_dict()
+    cfg = TrainConfig(source="photos", epochs=2, lr=given, resume=True).resolve()
+    assert (cfg.resume_conflict(saved, saved_given) is None) == ok
 
 
 # --------------------------------------------------------------------------- full MNIST

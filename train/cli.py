@@ -19,7 +19,6 @@ def checkpoint_path(out: str) -> Path:
 
 def run(cfg) -> Path:
     """The whole job for a resolved `TrainConfig`; returns the model folder."""
-    import torch
     from fastai.torch_core import set_seed
     from fastai.vision.core import imagenet_stats
     from train.data import build_dataloaders, load_data
@@ -31,16 +30,15 @@ def run(cfg) -> Path:
     set_seed(cfg.seed, reproducible=True)
     device = pick_device(cfg.device)
     ckpt = checkpoint_path(cfg.out)
-    resume_state = None
+    resume_state, lr_given = None, cfg.lr  # the --lr as given: lr_find turns 'auto' into a number below
     if cfg.resume:
         if not ckpt.is_file():
             raise TrainError(f"--resume: no checkpoint at {ckpt}; nothing to resume (run without --resume)")
         resume_state = load_checkpoint(ckpt)
-        saved = resume_state["state"]["config"]
-        for key in ("source", "out", "pretrained", "init", "size", "bs", "epochs"):
-            if saved[key] != getattr(cfg, key):
-                raise TrainError(f"--resume: the checkpoint was made with {key}={saved[key]!r}, this run has "
-                                 f"{getattr(cfg, key)!r}; use the same settings, or start over without --resume")
+        saved, lr_given = resume_state["state"]["config"], resume_state["state"].get("lr_given")
+        problem = cfg.resume_conflict(saved, lr_given)
+        if problem:
+            raise TrainError(problem)
         cfg.lr = saved["lr"]
     elif ckpt.is_file():
         log.warning("an interrupted run left %s; starting over (it is replaced after the first epoch). "
@@ -50,8 +48,12 @@ def run(cfg) -> Path:
                       progress=not cfg.quiet and sys.stderr.isatty(), workers=cfg.workers or None)
     if not cfg.quiet:
         print(cache.summary.table(), flush=True)
+    counts = {"train": cache.summary.train_counts, "valid": cache.summary.valid_counts}
     if resume_state and resume_state["state"]["classes"] != cache.vocab:
         raise TrainError("--resume: the classes changed since the checkpoint; start over without --resume")
+    if resume_state and resume_state["state"].get("counts", counts) != counts:
+        raise TrainError("--resume: the data changed since the checkpoint (images per class and split differ); "
+                         "start over without --resume")
 
     if cfg.pretrained:
         mean, std = imagenet_stats
@@ -69,7 +71,7 @@ def run(cfg) -> Path:
         print(f"lr_find suggests {lr:.2e}; using it", flush=True)
         cfg.lr = f"{lr:.3g}"
     lr = float(cfg.lr)
-    state = {"config": cfg.as_dict(), "classes": cache.vocab}
+    state = {"config": cfg.as_dict(), "classes": cache.vocab, "counts": counts, "lr_given": lr_given}
     if resume_state:
         state["done"] = dict(resume_state["state"].get("done", {}))
         learn.model.load_state_dict(resume_state["model"])

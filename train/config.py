@@ -1,7 +1,8 @@
 """The one training config: a dataclass the command line fills and every stage reads.
 
-It is saved, resolved, into the model's metadata.json and into each checkpoint, so a model
-says how it was made and `--resume` can check it is continuing the same run.
+It is saved, resolved, into each checkpoint, so that `--resume` can check it is continuing the same
+run, and into the model's metadata.json with each path cut to its name (`as_portable_dict`), so a
+model says how it was made without saying where on this machine.
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ MNIST_DEFAULTS = dict(epochs=2, lr=0.02, bs=256, size=28, augment=True)
 MNIST_ONE_EPOCH = dict(lr=0.01, bs=128, augment=False)
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
+# Fields holding a path of this machine: resolved (absolute) in the config, their names only in metadata.json.
+PATH_FIELDS = ("source", "out", "init", "mnist_dir")
+# What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
+# schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
+# validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
+RESUME_FIXED = ("source", "out", "mnist_dir", "pretrained", "init", "size", "bs", "epochs", "valid_pct", "seed",
+                "augment", "flip")
 
 
 @dataclass
@@ -30,7 +38,8 @@ class TrainConfig:
     source: str                      # 'mnist' or a folder of class folders
     out: str = ""                    # model folder to write; default models/<source name>
     epochs: int = 0                  # passes over the training set (with --pretrained/--init: after 1 frozen epoch)
-    lr: str = ""                     # peak learning rate of the one-cycle schedule, or 'auto' (lr_find)
+    lr: str = ""                     # peak learning rate of the one-cycle schedule, or 'auto' (lr_find);
+                                     # with --resume, "" means the checkpoint's
     bs: int = 0                      # images per batch
     size: int = 0                    # images are squished to size x size pixels
     valid_pct: float = 0.2           # share of each class held out, when the folder is not split already
@@ -54,18 +63,49 @@ class TrainConfig:
             d = {**d, **MNIST_ONE_EPOCH}
         self.bs = self.bs or d["bs"]
         self.size = self.size or d["size"] or (224 if self.pretrained else 128)
-        self.lr = self.lr or (str(d["lr"]) if d["lr"] else ("2e-3" if (self.pretrained or self.init) else "3e-3"))
+        if not self.resume:  # a resumed run takes the checkpoint's rate unless one is given (see `resume_conflict`)
+            self.lr = self.lr or (str(d["lr"]) if d["lr"] else ("2e-3" if (self.pretrained or self.init) else "3e-3"))
         if self.augment is None:
             self.augment = d["augment"]
         if is_mnist:
             self.flip = False
-        if not self.out:
-            name = "mnist" if is_mnist else Path(self.source).expanduser().resolve().name
-            self.out = str(Path(__file__).resolve().parents[1] / "models" / name)
+        if not is_mnist:
+            self.source = _absolute(self.source)
+        self.out = _absolute(self.out or Path(__file__).resolve().parents[1] / "models" / Path(self.source).name)
+        self.init = self.init and _absolute(self.init)
+        self.mnist_dir = self.mnist_dir and _absolute(self.mnist_dir)
         return self
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def as_portable_dict(self) -> dict:
+        """`as_dict` for what leaves this machine (metadata.json, the card, a push): each path is cut to
+        its last part, the name a person knows it by (the data folder, 'mnist', the model, the --init model)."""
+        d = self.as_dict()
+        for key in PATH_FIELDS:
+            d[key] = Path(d[key]).name if d[key] else ""
+        return d
+
+    def resume_conflict(self, saved: dict, saved_lr_given: str | None = None) -> str | None:
+        """Why this run cannot continue a checkpoint made with the config `saved` (both resolved), or None.
+        `saved_lr_given` is the --lr that run was given ('auto', or a number), before lr_find replaced it."""
+        for key in RESUME_FIXED:
+            if saved.get(key) != getattr(self, key):
+                return (f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, this run has "
+                        f"{getattr(self, key)!r}; use the same settings, or start over without --resume")
+        if self.lr and self.lr != saved_lr_given and not _same_rate(self.lr, saved["lr"]):
+            return (f"--resume: the checkpoint was made with lr={saved['lr']!r}, this run has {self.lr!r}; omit --lr "
+                    "(it means the checkpoint's) or give the same, or start over without --resume")
+        return None
+
+
+def _absolute(path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _same_rate(a: str, b: str) -> bool:
+    return "auto" not in (a, b) and float(a) == float(b)
 
 
 def learning_rate(s: str) -> str:
@@ -110,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=learning_rate, default=None,
                    help="peak learning rate, or 'auto' to run fastai's lr_find and use its suggestion "
                         f"(default: MNIST {MNIST_DEFAULTS['lr']}, {MNIST_ONE_EPOCH['lr']} for one epoch; photos 3e-3, "
-                        "fine-tuning 2e-3)")
+                        "fine-tuning 2e-3; with --resume, the checkpoint's)")
     p.add_argument("--bs", "--batch-size", dest="bs", type=positive_int, default=0,
                    help=f"batch size (default: MNIST {MNIST_DEFAULTS['bs']}, {MNIST_ONE_EPOCH['bs']} for one epoch; "
                         f"photos {PHOTO_DEFAULTS['bs']})")
@@ -137,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="no horizontal flips when augmenting (for text, digits, anything with a handedness)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its last checkpoint (same source and --out)")
+                   help="continue an interrupted run from its last checkpoint: the same source, --out and "
+                        "settings (a changed --seed, --valid-pct, --lr, --augment, --no-flip, --size, --bs, "
+                        "--epochs... is refused); --device, --workers and --quiet may differ")
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding threads (default, or 0: 2 x cores, at most 8)")

@@ -3,6 +3,7 @@
 Every source (MNIST's IDX files, MNIST's folder layout, a person's class folders) ends in one
 `ImageCache`: uint8 images (N, 3, S, S) already resized by the model's own item transforms,
 integer labels, a train/valid mask, and a `DataSummary` of what was found and skipped.
+A folder that is not split already is split after decoding, among the readable images only.
 
 Why a cache: fastai's `from_folder` opens, decodes and resizes every file on every epoch (about 70
 of the article's 163 s on MNIST) and crashes mid-epoch on one truncated JPEG. Decoding once up
@@ -42,13 +43,13 @@ class DataError(ValueError):
 
 @dataclass
 class DataSummary:
-    source: str
+    source: str  # the data's name (the folder's own name, or 'mnist'): it goes into metadata.json and the card
     classes: list[str]
     train_counts: dict[str, int]
     valid_counts: dict[str, int]
     min_size: tuple[int, int] | None = None  # (width, height) of the smallest image seen
     max_size: tuple[int, int] | None = None
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file relative to the data folder, reason)
 
     def as_dict(self) -> dict:
         return {"source": self.source, "classes": self.classes, "train_counts": self.train_counts,
@@ -93,8 +94,9 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return {c.name: sorted(f for f in c.rglob("*") if f.is_file() and is_image_file(f)) for c in classes}
 
 
-def find_items(root: Path, valid_pct: float = 0.2, seed: int = 42) -> list[tuple[Path, str, bool]]:
-    """(file, label, is_valid) for a folder of class folders, split or not."""
+def find_items(root: Path) -> list[tuple[Path, str, bool | None]]:
+    """(file, label, is_valid) for a folder of class folders; is_valid is None everywhere when the
+    folder is not split already (`split_readable` splits it once the files are decoded)."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"{root} does not exist")
@@ -105,18 +107,28 @@ def find_items(root: Path, valid_pct: float = 0.2, seed: int = 42) -> list[tuple
             items = [(f, c, False) for c, fs in _class_files(root / train_name).items() for f in fs]
             items += [(f, c, True) for c, fs in _class_files(root / valid_name).items() for f in fs]
             return items
+    return [(f, c, None) for c, fs in _class_files(root).items() for f in fs]
+
+
+def split_readable(labels: list[str], valid_pct: float, seed: int) -> list[bool]:
+    """is_valid for each image, drawn per class by `seed`: `valid_pct` of each class's images, at least
+    one and never all of them. Given only the readable images, so an unreadable file takes no place."""
     if not 0 < valid_pct < 1:
         raise DataError(f"--valid-pct must be between 0 and 1, got {valid_pct}")
-    items = []
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    valid = [False] * len(labels)
     rng = random.Random(seed)
-    for c, fs in _class_files(root).items():
+    for c in sorted(by_class):
         # Split each class on its own so every class gets validation images in proportion.
-        order = list(range(len(fs)))
+        idx = by_class[c]
+        order = list(idx)
         rng.shuffle(order)
-        n_valid = max(1, round(len(fs) * valid_pct)) if len(fs) > 1 else 0
-        valid_idx = set(order[:n_valid])
-        items += [(f, c, i in valid_idx) for i, f in enumerate(fs)]
-    return items
+        n_valid = min(max(1, round(len(idx) * valid_pct)), len(idx) - 1)
+        for i in order[:n_valid]:
+            valid[i] = True
+    return valid
 
 
 # --------------------------------------------------------------------------- decoding once
@@ -133,8 +145,13 @@ def _decode(path: Path, tfms) -> tuple[torch.Tensor | None, tuple[int, int] | No
     return x, size, None
 
 
-def decode_items(items, size: int, source: str, workers: int | None = None, progress: bool = True) -> ImageCache:
-    """Decode and resize every file once, in threads (Pillow releases the GIL while decoding)."""
+def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct: float = 0.2, seed: int = 42,
+                 workers: int | None = None, progress: bool = True) -> ImageCache:
+    """Decode and resize every file once, in threads (Pillow releases the GIL while decoding), then
+    split the readable ones of an unsplit folder (items whose is_valid is None).
+
+    `source` names the data in error messages (this machine's path, for the person at it); `name`
+    is what the summary records, and skipped files are recorded relative to `root`."""
     if not items:
         raise DataError(f"no images found in {source} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.bmp', '.tif'}))}, any case)")
     tfms = item_transforms(size)
@@ -147,7 +164,7 @@ def decode_items(items, size: int, source: str, workers: int | None = None, prog
             results = progress_bar(results, total=len(items), comment="decoding images")
         for (path, label, is_valid), (x, wh, err) in zip(items, results):
             if err is not None:
-                skipped.append((str(path), err))
+                skipped.append((path, err))
                 continue
             images.append(x)
             labels.append(label)
@@ -155,11 +172,14 @@ def decode_items(items, size: int, source: str, workers: int | None = None, prog
             sizes.append(wh)
     for f, reason in skipped:
         log.warning("skipping %s: %s", f, reason)
+    if None in valid:  # not split already
+        valid = split_readable(labels, valid_pct, seed)
+    skipped = [(Path(f).relative_to(root).as_posix(), reason) for f, reason in skipped]
     return _build_cache(torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
-                        labels, valid, source, skipped, sizes)
+                        labels, valid, source, name, skipped, sizes)
 
 
-def _build_cache(images, labels, valid, source, skipped, sizes) -> ImageCache:
+def _build_cache(images, labels, valid, source, name, skipped, sizes) -> ImageCache:
     vocab = sorted(set(labels))
     if not vocab:
         raise DataError(f"no readable images in {source} ({len(skipped)} skipped)")
@@ -173,22 +193,24 @@ def _build_cache(images, labels, valid, source, skipped, sizes) -> ImageCache:
     valid_counts = {c: 0 for c in vocab}
     for l, is_valid in zip(labels, valid):
         (valid_counts if is_valid else train_counts)[l] += 1
-    summary = DataSummary(source, vocab, train_counts, valid_counts, skipped=skipped)
+    summary = DataSummary(name, vocab, train_counts, valid_counts, skipped=skipped)
     if sizes:
         summary.min_size = (min(w for w, _ in sizes), min(h for _, h in sizes))
         summary.max_size = (max(w for w, _ in sizes), max(h for _, h in sizes))
     few = [f"{c} ({train_counts[c] + valid_counts[c]})" for c in vocab
            if train_counts[c] + valid_counts[c] < MIN_IMAGES_PER_CLASS]
     if few:
+        unreadable = f" ({len(skipped)} unreadable file(s) were skipped)" if skipped else ""
         raise DataError(f"too few readable images in class {', '.join(few)}: each class needs at least "
-                        f"{MIN_IMAGES_PER_CLASS} (at least 1 to validate on and 4 to learn from)")
+                        f"{MIN_IMAGES_PER_CLASS} (at least 1 to validate on and 4 to learn from){unreadable}")
+    # Only a split made by the person can leave a side empty: `split_readable` never does.
     no_valid = [c for c in vocab if valid_counts[c] == 0]
     if no_valid:
         raise DataError(f"class {', '.join(no_valid)} has no validation images: add some to the "
                         "validation folder, or drop the train/valid split and use --valid-pct")
     no_train = [c for c in vocab if train_counts[c] == 0]
     if no_train:
-        raise DataError(f"class {', '.join(no_train)} has no training images")
+        raise DataError(f"class {', '.join(no_train)} has no training images: add some to the training folder")
     return ImageCache(images, y, v, vocab, summary)
 
 
@@ -201,7 +223,7 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
         raise DataError("MNIST from IDX files trains at its native size, 28: drop --size")
     labels = [str(int(l)) for l in np.concatenate([arrays.train_labels, arrays.valid_labels])]
     valid = [False] * len(arrays.train_labels) + [True] * len(arrays.valid_labels)
-    return _build_cache(x, labels, valid, f"MNIST IDX files in {arrays.source}", [], [(28, 28)] * len(labels))
+    return _build_cache(x, labels, valid, f"MNIST IDX files in {arrays.source}", "mnist", [], [(28, 28)] * len(labels))
 
 
 def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mnist_dir=None,
@@ -214,9 +236,10 @@ def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mn
         root = found
         items = [(f, f.parent.name, split == "testing") for split in ("training", "testing")
                  for f in sorted((root / split).rglob("*")) if f.is_file() and is_image_file(f)]
-        return decode_items(items, size, f"MNIST folder {root}", workers, progress)
-    items = find_items(Path(source), valid_pct, seed)
-    return decode_items(items, size, str(source), workers, progress)
+        return decode_items(items, size, f"MNIST folder {root}", root, "mnist", workers=workers, progress=progress)
+    root = Path(source).expanduser()
+    items = find_items(root)
+    return decode_items(items, size, str(source), root, root.resolve().name, valid_pct, seed, workers, progress)
 
 
 # --------------------------------------------------------------------------- batches

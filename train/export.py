@@ -2,17 +2,24 @@
 
 Everything is written into a sibling temp folder first; only a complete folder is renamed into
 place, and an older model at the same path is replaced only after the new one is whole.
+
+Nothing written names a path of this machine: the metadata and the card hold names (the data
+folder's, the model's), and the pickle holds neither the folder it was written in nor a copy of
+our code (see `ByReference`).
 """
 from __future__ import annotations
 
 import json
-import logging
+import operator
 import os
 import shutil
+import sys
 import time
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cloudpickle
 import numpy as np
 import torch
 from PIL import Image
@@ -20,7 +27,6 @@ from PIL import Image
 from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, METADATA_FILE, METADATA_VERSION,
                              MODEL_FILE, TOP_LOSSES_FILE, inference_dataloaders, library_versions)
 
-log = logging.getLogger(__name__)
 EXAMPLES_PER_CLASS = 3
 MAX_EXAMPLE_CLASSES = 20  # the app shows examples as a grid; a few hundred would drown it
 
@@ -124,7 +130,7 @@ The validation images it got most wrong:
 
 ## Use
 ```
-python -m serve {meta['name'] if False else 'path/to/this/folder'}            # web app + HTTP API
+python -m serve path/to/this/folder            # web app + HTTP API
 python -m serve.predict path/to/this/folder image.jpg --top-k 3
 ```
 or in Python, with this project's `models` package importable (the learner's input type lives there):
@@ -156,9 +162,12 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
         learn.model.cpu()
         sample = (Image.fromarray(cache.images[0].permute(1, 2, 0).numpy()), cache.vocab[int(cache.labels[0])])
         learn.dls = inference_dataloaders(cache.vocab, cfg.size, mean, std, sample)
+        # `learn.path` is pickled: "." rather than this machine's folder (`load_learner` never reads it).
+        # Exported to an absolute name, since fastai writes to learn.path / fname.
+        learn.path = Path(".")
+        learn.export(tmp / (MODEL_FILE + ".tmp"), pickle_module=ByReference)
+        os.replace(tmp / (MODEL_FILE + ".tmp"), tmp / MODEL_FILE)  # learn.export writes in place; rename makes it atomic
         learn.path = tmp
-        learn.export(MODEL_FILE + ".tmp")   # learn.export writes in place; rename makes it atomic
-        os.replace(tmp / (MODEL_FILE + ".tmp"), tmp / MODEL_FILE)
         learn.dls = train_dls
 
         meta = {
@@ -172,7 +181,7 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
             "input_channels": 3,
             "normalize": {"mean": mean, "std": std},
             "lr": lr,
-            "config": cfg.as_dict(),
+            "config": cfg.as_portable_dict(),
             "seed": cfg.seed,
             "data": cache.summary.as_dict(),
             "metrics": metrics,
@@ -189,6 +198,36 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class _ByReferencePickler(cloudpickle.Pickler):
+    """fastai's cloudpickle, except for a classmethod's function. The input pipeline keeps
+    `RGBImage.create` as its plain function, which cloudpickle cannot find under its name (that is
+    the bound method) and so copies by value, our code and the checkout's path (`__file__`) with it.
+    Stored as `attrgetter("create.__func__")(RGBImage)`, it is imported from `models` like the rest.
+    (Not as `getattr(RGBImage.create, "__func__")`: cloudpickle stores a bound method as its function
+    and its class, which would come back here.)"""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, types.FunctionType):
+            bound = _bound_method_of(obj)
+            if bound is not None:
+                return operator.attrgetter(f"{obj.__name__}.__func__"), (bound.__self__,)
+        return super().reducer_override(obj)
+
+
+def _bound_method_of(func):
+    """The classmethod (bound to its class) that `func` is the function of, found by its module and
+    qualified name, or None."""
+    found = sys.modules.get(getattr(func, "__module__", None) or "")
+    for part in getattr(func, "__qualname__", "").split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, types.MethodType) and found.__func__ is func else None
+
+
+class ByReference:
+    """The `pickle_module` for `learn.export` (torch.save reads its `__name__` and `Pickler`)."""
+    Pickler = _ByReferencePickler
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:

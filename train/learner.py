@@ -35,7 +35,6 @@ from train.smallmaps import small_map_convs
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pth"
 IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"  # torchvision's file name in the torch hub cache
 
 # fastai's Adam (decoupled weight decay 0.01, betas 0.9/0.99, eps 1e-5), but torch's fused kernel:
