@@ -39,16 +39,26 @@ RETRY_AFTER_S = 2        # s: a typical request is answered in milliseconds, so 
 @dataclass(frozen=True)
 class Limits:
     """Every limit of the server; said in every refusal, in `--help` and in /v1/health.
-    Defaults are measured by bench/serve_memory.py (see the README's Benchmarks)."""
+    Defaults are measured by bench/serve_memory.py on 2 cores (the README's Benchmarks)."""
     max_files: int = 64          # images per API request
     max_file_mb: float = 20.0    # per file, in MB (10^6 bytes): a 24-megapixel JPEG is ~12 MB
     max_batch: int = 64          # images per forward pass across concurrent requests
     max_wait_ms: float = 2.0     # how long a lone request waits for company before its forward pass
-    max_request_mb: float = 100.0   # one request body, any route: 5 files at the per-file limit
-    max_inflight_mb: float = 300.0  # request bodies held at once, server-wide: bounds RSS (~1.1 x this + decoding)
-    max_connections: int = 256   # open connections; beyond it a new one is answered 503 and closed
-    keep_alive_s: float = 5.0    # an idle connection, or one still sending its request head, is closed after this
-    body_timeout_s: float = 10.0  # a request body may take this long, plus 1 s per BODY_MIN_RATE bytes received
+    # One request body, any route: 5 files at the per-file limit, or 64 photos of 1.5 MB. The worst
+    # such request (5 files decoding to the pixel limit) peaks at +1.8 GB RSS, mostly decoding.
+    max_request_mb: float = 100.0
+    # Bodies held at once, server-wide: each MB held costs 0.95-1.1 MB of RSS; with the decoding
+    # above, the worst case measured is 3.1 GB (1.0 GB of it the loaded server).
+    max_inflight_mb: float = 300.0
+    # Open connections: an idle one costs 2.8 kB, so the bound is file descriptors (a common soft
+    # limit is 1,024), with room for 16x the load bench's 16 keep-alive clients.
+    max_connections: int = 256
+    # An idle connection, or one still sending its request head, is closed after this: uvicorn's
+    # default, which every Gradio app on Spaces runs with (gradio's launch keeps it).
+    keep_alive_s: float = 5.0
+    # A request body may take this long, plus 1 s per BODY_MIN_RATE bytes received (the 100 MB
+    # limit arrives over loopback in under a second).
+    body_timeout_s: float = 10.0
 
     @property
     def max_file_bytes(self) -> int:
@@ -223,7 +233,7 @@ class RequestLimits:
 
 
 def _too_large(n: int, limits: Limits, declared: bool = True) -> str:
-    size = f"{n / 1e6:.1f} MB" if declared else f"more than {limits.max_request_mb:g} MB"
+    size = f"{n:,} bytes" if declared else f"more than {limits.max_request_mb:g} MB"
     return (f"request too large ({size}): at most {limits.max_request_mb:g} MB per request "
             f"(and {limits.max_file_mb:g} MB per file)")
 
