@@ -16,7 +16,7 @@ from models.cli import port_int, positive_float, positive_int, run_cli
 from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve.api import Limits
+    from serve.limits import BODY_MIN_RATE, Limits
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
     p.add_argument("model", help="model folder written by `python -m train`, or hf://owner/name[@revision]")
@@ -29,7 +29,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-file-mb", type=positive_float, default=d.max_file_mb,
                    help=f"MB per uploaded file, API and UI (default {d.max_file_mb:g})")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch,
-                   help=f"images per forward pass across concurrent API requests (default {d.max_batch})")
+                   help=f"images per forward pass across concurrent requests, a cap: a larger request "
+                        f"spans several passes (default {d.max_batch})")
+    p.add_argument("--max-request-mb", type=positive_float, default=d.max_request_mb,
+                   help=f"MB in one request body, any route; larger: 413 (default {d.max_request_mb:g})")
+    p.add_argument("--max-inflight-mb", type=positive_float, default=d.max_inflight_mb,
+                   help=f"MB of request bodies held at once, server-wide; beyond: 503 with Retry-After "
+                        f"(default {d.max_inflight_mb:g}; the server's memory grows by about 1.1 MB per MB "
+                        f"held, plus decoding)")
+    p.add_argument("--max-connections", type=positive_int, default=d.max_connections,
+                   help=f"open connections; a new one beyond them is answered 503 and closed "
+                        f"(default {d.max_connections})")
+    p.add_argument("--keep-alive", type=positive_float, default=d.keep_alive_s, metavar="S",
+                   help=f"seconds an idle connection, or one still sending its request's headers, is kept "
+                        f"(default {d.keep_alive_s:g})")
+    p.add_argument("--body-timeout", type=positive_float, default=d.body_timeout_s, metavar="S",
+                   help=f"seconds a request body may take, plus 1 s per {BODY_MIN_RATE // 1000} kB received; "
+                        f"slower: 408 (default {d.body_timeout_s:g})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for forward passes (default: CPU cores minus one, left to the event loop)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
@@ -45,9 +61,12 @@ def serve(args) -> None:
     threads = configure_threads(1, args.threads)
     logging.getLogger(__name__).info("loaded %s: %d classes, on %s (%d torch thread(s))", predictor.name,
                                      len(predictor.classes), predictor.device, threads)
-    from serve.api import Limits
     from serve.app import launch
-    limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch)
+    from serve.limits import Limits
+    limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch,
+                    max_request_mb=args.max_request_mb, max_inflight_mb=args.max_inflight_mb,
+                    max_connections=args.max_connections, keep_alive_s=args.keep_alive,
+                    body_timeout_s=args.body_timeout)
     launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k)
 
 

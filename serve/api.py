@@ -8,9 +8,12 @@
 
     curl -F files=@digit.png -F files=@other.jpg 'http://127.0.0.1:7860/v1/predict?top_k=3'
 
-Requests that arrive together share one forward pass: each request decodes its own files (in a
+Requests that arrive together share forward passes: each request decodes its own files (in a
 small thread pool, so a bad file fails only its own request), then queues the decoded tensors on a
-`MicroBatcher`, whose worker runs whatever is queued as one batch in a single model thread.
+`MicroBatcher`, whose worker runs what is queued, at most `max_batch` images a pass, in a single
+model thread. Bodies are bounded before this module sees them by `serve.limits.RequestLimits`
+(413 one request too large, 503 + Retry-After the server's budget for uploads in flight is full,
+408 a body too slow), one home for every route of the app.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves handler annotations by name
 from fastapi.responses import JSONResponse
 
-from models.imageio import ImageError, MAX_PIXELS
+from models.imageio import ImageError
+from serve.limits import InflightBudget, Limits, RequestLimits
 from serve.predictor import Predictor
 
 __all__ = ["Limits", "MicroBatcher", "RequestError", "Upload", "build_api", "read_uploads"]
@@ -34,28 +38,7 @@ __all__ = ["Limits", "MicroBatcher", "RequestError", "Upload", "build_api", "rea
 log = logging.getLogger(__name__)
 
 FIELD = "files"  # the multipart field name that carries the images
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may carry; said in every refusal and in /v1/health."""
-    max_files: int = 64          # images per request
-    max_file_mb: float = 20.0    # per file, in MB (10^6 bytes): a 24-megapixel JPEG is ~12 MB
-    max_batch: int = 64          # images per forward pass across concurrent requests
-    max_wait_ms: float = 2.0     # how long a lone request waits for company before its forward pass
-
-    @property
-    def max_file_bytes(self) -> int:
-        return int(self.max_file_mb * 1_000_000)
-
-    @property
-    def max_body_bytes(self) -> int:
-        # every file at its limit, plus room for the multipart headers and boundaries
-        return self.max_files * self.max_file_bytes + 1_000_000
-
-    def as_dict(self) -> dict:
-        return {"max_files": self.max_files, "max_file_mb": self.max_file_mb, "max_pixels": MAX_PIXELS,
-                "max_batch": self.max_batch}
+TOP_K_DIGITS = 6  # top_k is 1 .. 999,999 (more than the classes means all of them); longer is refused
 
 
 class RequestError(Exception):
@@ -73,8 +56,12 @@ class RequestError(Exception):
 
 @dataclass
 class Upload:
+    """One uploaded file. `data` is bytes (what the decoder takes without a copy), made once per
+    file from its chunks; `size` counts the bytes while they arrive."""
     name: str
-    data: bytearray
+    data: bytes | None = None
+    size: int = 0
+    chunks: list | None = None
 
 
 async def read_uploads(request, limits: Limits) -> list[Upload]:
@@ -124,22 +111,32 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
                                              f"(the limit is {limits.max_files}; send the rest in another)"))
             return
         name = part["filename"] or f"file {len(uploads) + 1}"
-        uploads.append(Upload(name, bytearray()))
+        uploads.append(Upload(name, chunks=[]))
         part.update(skip=False, data=uploads[-1])
 
     def on_part_data(data, start, end):
         if part["skip"] or refusal:
             return
         up = part["data"]
-        up.data += data[start:end]
-        if len(up.data) > limits.max_file_bytes:
+        up.chunks.append(data[start:end])
+        up.size += end - start
+        if up.size > limits.max_file_bytes:
             refusal.append(RequestError(413, f"file too large: more than {limits.max_file_mb:g} MB "
                                              f"(the limit per file is {limits.max_file_mb:g} MB)", up.name))
-            up.data = bytearray()
+            up.chunks = []
+
+    def on_part_end():
+        up = part["data"]
+        if not part["skip"] and not refusal and up is not None:
+            # One join per file: its chunks are freed at once, so a file is held twice only while
+            # it is joined (a bytearray grown chunk by chunk, then copied to bytes, held the whole
+            # request twice).
+            up.data, up.chunks = b"".join(up.chunks), None
 
     parser = MultipartParser(params[b"boundary"], {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data})
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end})
     received = 0
     try:
         async for chunk in request.stream():
@@ -157,6 +154,9 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
         raise RequestError(400, f"malformed multipart body ({type(e).__name__}: {e})") from None
     if refusal:
         raise refusal[0]
+    for up in uploads:  # a part the parser never saw end (python-multipart ends each before finalize)
+        if up.data is None:
+            up.data, up.chunks = b"".join(up.chunks or ()), None
     if not uploads:
         raise RequestError(400, f"no files: send one or more images under the multipart field '{FIELD}' "
                                 f"(curl -F {FIELD}=@image.png ...)")
@@ -165,41 +165,66 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
 
 # --------------------------------------------------------------------------- batching
 
+class _Pending:
+    """One submitted request in the batcher: its images, how many have run, their rows so far."""
+    __slots__ = ("items", "future", "wait", "done", "rows")
+
+    def __init__(self, items: list, future: asyncio.Future, wait: float):
+        self.items, self.future, self.wait, self.done, self.rows = items, future, wait, 0, []
+
+    @property
+    def left(self) -> int:
+        return len(self.items) - self.done
+
+
 class MicroBatcher:
-    """Group the tensors of concurrent requests into one forward pass.
+    """Group the tensors of concurrent requests into forward passes of at most `max_batch` images.
 
     `submit` queues a request's prepared images and awaits their rows of probabilities. One worker
-    task takes the first waiting request, then everything else queued within `max_wait_ms`, up to
-    `max_batch` images, and runs `run_batch` on them in a single dedicated thread (the event loop
-    keeps accepting requests meanwhile; those then form the next batch). Under load the batch
-    grows by itself; a lone request waits at most `max_wait_ms`."""
+    task takes the first waiting request, then everything else queued within `max_wait_ms`, and
+    runs `run_batch` on up to `max_batch` of their images, oldest request first, in a single
+    dedicated thread (the event loop keeps accepting requests meanwhile; those join the next pass).
+    A request with more images than a pass holds spans several passes, and so may the last request
+    that fits only in part: `max_batch` is a cap on every pass, which bounds the memory of a pass
+    (activations grow with the batch). Under load the passes fill by themselves; a lone request
+    waits at most `max_wait_ms`."""
 
     def __init__(self, run_batch: Callable[[Sequence[torch.Tensor]], torch.Tensor], max_batch: int = 64,
                  max_wait_ms: float = 2.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        self.batches = 0  # forward passes run, and images through them: for /v1/health and tests
+        self.batches = 0  # forward passes run, images through them, the largest pass: for /v1/health and tests
         self.images = 0
+        self.largest = 0
 
     async def submit(self, items: Sequence[torch.Tensor], max_wait_ms: float | None = None) -> torch.Tensor:
-        """Queue one request's prepared images; returns their rows of probabilities. A batch that
-        this request opens waits `max_wait_ms` (default: the batcher's) for company."""
+        """Queue one request's prepared images; returns their rows of probabilities, in order. A
+        pass that this request opens waits `max_wait_ms` (default: the batcher's) for company."""
+        items = list(items)
+        if not items:
+            raise ValueError("no images to run")
         if self._task is None or self._task.done():  # started lazily, inside the server's event loop
             self._queue = asyncio.Queue()
             self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
         future = asyncio.get_running_loop().create_future()
         wait = self.max_wait if max_wait_ms is None else max_wait_ms / 1000
-        await self._queue.put((list(items), future, wait))
+        await self._queue.put(_Pending(items, future, wait))
         return await future
 
     async def _work(self):
         loop = asyncio.get_running_loop()
+        waiting: list[_Pending] = []  # requests with images still to run, oldest first
         while True:
-            batch = [await self._queue.get()]
-            n = len(batch[0][0])
-            deadline = loop.time() + batch[0][2]
+            if not waiting:
+                waiting.append(await self._queue.get())
+                deadline = loop.time() + waiting[0].wait
+            else:
+                deadline = loop.time()  # leftovers of a request run at once; only what is queued joins
+            n = sum(r.left for r in waiting)
             while n < self.max_batch:
                 try:
                     entry = self._queue.get_nowait()
@@ -211,27 +236,39 @@ class MicroBatcher:
                         entry = await asyncio.wait_for(self._queue.get(), timeout)
                     except asyncio.TimeoutError:
                         break
-                batch.append(entry)
-                n += len(entry[0])
-            batch = [(items, fut) for items, fut, _ in batch if not fut.done()]  # drop cancelled requests
-            if not batch:
+                waiting.append(entry)
+                n += entry.left
+            waiting = [r for r in waiting if not r.future.done()]  # drop cancelled requests
+            if not waiting:
                 continue
-            flat = [t for items, _ in batch for t in items]
+            taken, room = [], self.max_batch  # (request, its first image in this pass, how many)
+            for r in waiting:
+                k = min(room, r.left)
+                taken.append((r, r.done, k))
+                room -= k
+                if room == 0:
+                    break
+            flat = [t for r, start, k in taken for t in r.items[start:start + k]]
             try:
                 probs = await loop.run_in_executor(self._thread, self.run_batch, flat)
             except Exception as e:  # a failed forward pass fails its requests, never the worker
                 log.exception("forward pass over %d images failed", len(flat))
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
+                for r, _, _ in taken:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                waiting = [r for r in waiting if not r.future.done()]
                 continue
             self.batches += 1
             self.images += len(flat)
+            self.largest = max(self.largest, len(flat))
             i = 0
-            for items, fut in batch:
-                if not fut.done():
-                    fut.set_result(probs[i:i + len(items)])
-                i += len(items)
+            for r, _, k in taken:
+                r.rows.append(probs[i:i + k])
+                r.done += k
+                i += k
+                if r.left == 0 and not r.future.done():
+                    r.future.set_result(r.rows[0] if len(r.rows) == 1 else torch.cat(r.rows))
+            waiting = [r for r in waiting if r.left and not r.future.done()]
 
     def close(self):
         if self._task is not None:
@@ -240,6 +277,18 @@ class MicroBatcher:
 
 
 # --------------------------------------------------------------------------- the routes
+
+def parse_top_k(value: str | None) -> int | None:
+    """The `top_k` query parameter: None (the default), or 1 .. 999,999 written in ASCII digits.
+    (`str.isdigit` also passes `²` and Arabic-Indic digits, and `int` refuses over 4,300 digits.)
+    More than the model's classes means all of them (`Predictor.top_k` clamps)."""
+    if value is None:
+        return None
+    if not (0 < len(value) <= TOP_K_DIGITS and value.isascii() and value.isdigit()) or int(value) < 1:
+        shown = value if len(value) <= 20 else value[:20] + f"... ({len(value)} characters)"
+        raise RequestError(422, f"top_k must be a whole number from 1 to {10 ** TOP_K_DIGITS - 1:,}, not {shown!r}")
+    return int(value)
+
 
 def _status_for(err: ImageError) -> int:
     # open_image says "too large" for images over the pixel limit (decompression bombs included):
@@ -250,8 +299,10 @@ def _status_for(err: ImageError) -> int:
 def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: int = 2,
               batcher: MicroBatcher | None = None):
     """A FastAPI app with the /v1 routes. The Gradio UI is mounted on it by `serve.app`, and
-    shares `batcher` (made here if not given) so that UI and API requests share forward passes."""
+    shares `batcher` (made here if not given) so that UI and API requests share forward passes.
+    `RequestLimits` sits in front of the whole app, so it bounds the bodies of Gradio's routes too."""
     batcher = batcher or MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms)
+    budget = InflightBudget(limits.max_inflight_bytes)
     decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
 
     @contextlib.asynccontextmanager
@@ -263,6 +314,7 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
     app = FastAPI(title=f"{predictor.name} image classifier", docs_url="/v1/docs", redoc_url=None,
                   openapi_url="/v1/openapi.json", lifespan=lifespan)
     app.state.predictor, app.state.batcher, app.state.limits = predictor, batcher, limits
+    app.add_middleware(RequestLimits, limits=limits, budget=budget)
     started = time.time()
 
     @app.exception_handler(RequestError)
@@ -270,10 +322,13 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
         return JSONResponse(err.as_json(), status_code=err.status)
 
     async def prepare(upload: Upload) -> torch.Tensor:
+        data, upload.data = upload.data, None  # dropped once decoded, while the others still decode
         try:
-            return await asyncio.get_running_loop().run_in_executor(decoder, predictor.prepare, bytes(upload.data))
+            return await asyncio.get_running_loop().run_in_executor(decoder, predictor.prepare, data)
         except ImageError as e:
             raise RequestError(_status_for(e), f"{upload.name}: {e}", upload.name) from None
+        finally:
+            del data
 
     @app.post("/v1/predict", summary="Classify one or more images", openapi_extra={
         "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
@@ -282,13 +337,11 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
             "type": "object", "required": [FIELD],
             "properties": {FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}})
     async def predict(request: Request):
-        top_k = request.query_params.get("top_k")
-        if top_k is not None and not (top_k.isdigit() and int(top_k) >= 1):
-            raise RequestError(422, f"top_k must be a whole number >= 1, not {top_k!r}")
+        top_k = parse_top_k(request.query_params.get("top_k"))
         uploads = await read_uploads(request, limits)
         items = await asyncio.gather(*(prepare(u) for u in uploads))
         probs = await batcher.submit(items)
-        preds = predictor.top_k(probs, int(top_k) if top_k else None)
+        preds = predictor.top_k(probs, top_k)
         return JSONResponse([p.as_dict() for p in preds])
 
     @app.get("/v1/health", summary="The model served, and the limits of /v1/predict")
@@ -299,6 +352,7 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
                 "valid_accuracy": meta.get("metrics", {}).get("valid_accuracy"), "created": meta.get("created"),
                 "default_top_k": predictor.default_top_k, "limits": limits.as_dict(),
                 "uptime_s": round(time.time() - started, 1),
-                "batches": batcher.batches, "images": batcher.images}
+                "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest,
+                "inflight_mb": round(budget.held / 1e6, 3), "peak_inflight_mb": round(budget.peak / 1e6, 3)}
 
     return app

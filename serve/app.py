@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.contract import EXAMPLES_DIR, ModelFolder
-from serve.api import Limits, MicroBatcher, build_api
+from serve.api import MicroBatcher, build_api
+from serve.limits import Limits
 from serve.predictor import Predictor
 
 __all__ = ["build_app", "launch", "start_in_thread", "RunningServer", "Limits"]
@@ -56,20 +57,23 @@ def build_app(model: Path | str | ModelFolder | Predictor, device: str = "auto",
     return app, blocks
 
 
-def _uvicorn_config(app, host: str, port: int, log_level: str = "warning"):
+def _uvicorn_config(app, host: str, port: int, log_level: str = "warning", limits: Limits = Limits()):
     import uvicorn
-    # No access log: a line per request costs more than a 28x28 forward pass. Keep-alive as long
-    # as a browser's, so load balancers and clients reuse connections.
+    from serve.limits import guarded_protocol
+    # No access log: a line per request costs more than a 28x28 forward pass. uvicorn's own
+    # keep-alive closes idle connections; the guarded protocol adds the request-head deadline and
+    # the connection cap that uvicorn lacks (see serve/limits.py).
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          timeout_keep_alive=30, lifespan="on")
+                          timeout_keep_alive=limits.keep_alive_s, lifespan="on",
+                          http=guarded_protocol(limits.max_connections, limits.keep_alive_s))
 
 
 def launch(model, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *, log_level: str = "warning",
-           **build_kwargs) -> None:
+           limits: Limits = Limits(), **build_kwargs) -> None:
     """Build the app and serve it until interrupted (what `python -m serve` runs)."""
     import uvicorn
-    app, _ = build_app(model, device, **build_kwargs)
-    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+    app, _ = build_app(model, device, limits=limits, **build_kwargs)
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level, limits))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     log.info("serving on http://%s:%d  (UI at /, API at /v1/predict, docs at /v1/docs)", shown, port)
     server.run()
@@ -94,16 +98,16 @@ class RunningServer:
 
 
 def start_in_thread(model, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
-                    startup_timeout: float = 60.0, **build_kwargs) -> RunningServer:
+                    startup_timeout: float = 60.0, limits: Limits = Limits(), **build_kwargs) -> RunningServer:
     """Serve in a background thread (tests, notebooks); port 0 picks a free port."""
     import socket
     import uvicorn
-    app, blocks = build_app(model, device, **build_kwargs)
+    app, blocks = build_app(model, device, limits=limits, **build_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(_uvicorn_config(app, host, port))
+    server = uvicorn.Server(_uvicorn_config(app, host, port, limits=limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.monotonic() + startup_timeout
