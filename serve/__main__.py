@@ -17,6 +17,7 @@ from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_f
 
 def build_parser() -> argparse.ArgumentParser:
     from serve.api import Limits
+    from serve.app import UPLOAD_TTL
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
     p.add_argument("model", help="model folder written by `python -m train`, or hf://owner/name[@revision]")
@@ -32,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per forward pass across concurrent API requests (default {d.max_batch})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for forward passes (default: CPU cores minus one, left to the event loop)")
+    p.add_argument("--upload-ttl", type=positive_int, default=UPLOAD_TTL, metavar="SECONDS",
+                   help=f"delete each web-UI upload this many seconds after it came, at the latest twice that "
+                        f"(default {UPLOAD_TTL}); uploads live in a folder of the server's own, removed when it stops")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -48,7 +52,7 @@ def serve(args) -> None:
     from serve.api import Limits
     from serve.app import launch
     limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch)
-    launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k)
+    launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k, upload_ttl=args.upload_ttl)
 
 
 def main(argv=None) -> int:
