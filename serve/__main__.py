@@ -16,6 +16,7 @@ from models.cli import port_int, positive_float, positive_int, run_cli
 from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 def build_parser() -> argparse.ArgumentParser:
+    from serve.app import UPLOAD_TTL
     from serve.limits import BODY_MIN_RATE, Limits
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
@@ -48,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"slower: 408 (default {d.body_timeout_s:g})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for forward passes (default: CPU cores minus one, left to the event loop)")
+    p.add_argument("--upload-ttl", type=positive_int, default=UPLOAD_TTL, metavar="SECONDS",
+                   help=f"delete each web-UI upload this many seconds after it came, at the latest twice that "
+                        f"(default {UPLOAD_TTL}); uploads live in a folder of the server's own, removed when it stops")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -67,7 +71,8 @@ def serve(args) -> None:
                     max_request_mb=args.max_request_mb, max_inflight_mb=args.max_inflight_mb,
                     max_connections=args.max_connections, keep_alive_s=args.keep_alive,
                     body_timeout_s=args.body_timeout)
-    launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k)
+    launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k,
+           upload_ttl=args.upload_ttl)
 
 
 def main(argv=None) -> int:
