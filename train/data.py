@@ -90,7 +90,8 @@ class ImageCache:
 # --------------------------------------------------------------------------- finding items
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # Not classes: hidden folders, and ours whose names start with "_" (train.clean's `_removed/`).
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
     return {c.name: sorted(f for f in c.rglob("*") if f.is_file() and is_image_file(f)) for c in classes}
 
 
