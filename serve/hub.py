@@ -16,10 +16,14 @@ Loading (`resolve_model`) is `snapshot_download` into the standard Hugging Face 
 folder is then an ordinary model folder for `models.contract.load_model_folder`. A model in the cache
 loads with no network (HF_HUB_OFFLINE=1 or the Hub unreachable): snapshot_download falls back to it.
 
-A `model.pkl` is a pickle and unpickling runs whatever code its author put in it. Loading from a repo
-outside your own namespace (your user name or one of your organisations, from `whoami`) therefore
-needs `--trust-remote-code`. With no token, or when `whoami` cannot be reached (offline), who you are
-is unknown and every repo counts as outside: the flag is required.
+A `model.pkl` is a pickle and unpickling runs whatever code its author put in it. Without
+`--trust-remote-code` a model loads only from a repo in your own namespace (your user name or one of
+your organisations, from `whoami`) and only at a revision that people with write access to it made:
+the default branch, another branch, or a tag, checked against the repo's refs (`list_repo_refs`) by
+exact name. A pull-request revision (refs/pr/N) is refused, since anyone may open a pull request on
+a public repo, and so is a commit sha (it may be a pull request's commit) and anything else. The
+download must then be the very commit the branch or tag named. With no token, offline, or when
+`whoami` or the refs cannot be read, this cannot be checked and the flag is required.
 
 The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's `get_token`). Every failure a
 person can fix (no token, 401/403, no network, no such repo) ends as `error: <one line>` and exit
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -46,6 +51,9 @@ __all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "res
 log = logging.getLogger(__name__)
 
 PYPROJECT_FILE = "pyproject.toml"  # the file `from_pretrained_fastai` checks versions in
+# A full commit id, SHA-1 or SHA-256, in either case (git reads both): never trusted as a branch name.
+COMMIT_SHA = re.compile(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}")
+DEFAULT_BRANCH = "main"  # what huggingface_hub downloads when no revision is given (constants.DEFAULT_REVISION)
 # The Hub id of the dataset `python -m train mnist` downloads; other sources are local folders with
 # no Hub id, named in the card by their folder name only (a local path means nothing to readers).
 MNIST_HUB_DATASET = "ylecun/mnist"
@@ -110,6 +118,7 @@ def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None 
     from huggingface_hub.utils import get_fastai_version  # package metadata: no fastai import here
     repo_id, revision = parse_spec(spec)
     token = token or hub_token()
+    commit = None  # the commit a trusted branch or tag names; None when --trust-remote-code waived the check
     if not trust_remote_code:
         owner = repo_id.split("/")[0] if "/" in repo_id else None
         names, who = _own_namespaces(token)
@@ -118,18 +127,54 @@ def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None 
             raise HubError(f"refusing to load {spec}: it is outside your namespace ({who}), and its {MODEL_FILE} "
                            "is a pickle that runs code when loaded; pass --trust-remote-code if you trust "
                            f"{owner or 'its author'}")
+        commit = _trusted_commit(spec, repo_id, revision, token)
     log.info("fetching %s into the Hugging Face cache", spec)
     try:
         folder = Path(snapshot_download(repo_id=repo_id, repo_type="model", revision=revision, token=token,
                                         library_name="fastai", library_version=get_fastai_version()))
     except Exception as e:
         raise HubError(explain(e, action=f"load {spec}", repo_id=repo_id, repo_type="model")) from None
+    # The cache names a snapshot folder by its commit. Another commit than the ref named means the Hub
+    # resolved the name otherwise than its refs list says, or the branch moved meanwhile: refuse
+    # either way, before anything unpickles it.
+    if commit is not None and folder.name != commit:
+        raise HubError(f"refusing to load {spec}: the download is commit {folder.name}, not the commit "
+                       f"{commit} that {revision or DEFAULT_BRANCH!r} named a moment before; try again, or pass "
+                       "--trust-remote-code if you trust every author of that commit")
     # a repo that is not one of our model folders is refused here, before anything unpickles it
     if not (folder / METADATA_FILE).is_file() or not (folder / MODEL_FILE).is_file():
         raise HubError(f"{spec} is not a model folder of this project (it needs {METADATA_FILE} and {MODEL_FILE}; "
                        "push one with `python -m serve.hub push`)")
     read_metadata(folder)
     return folder
+
+
+def _trusted_commit(spec: str, repo_id: str, revision: str | None, token: str | None) -> str:
+    """The commit `revision` (None: the default branch) points to, if it is exactly the name of a branch
+    or a tag of `repo_id`: only people with write access to a repo create those. Anything else, a
+    pull request's ref (refs/pr/N, which anyone can open), a commit sha (maybe a pull request's), a
+    full or URL-encoded ref, another case of a name, raises HubError; so does not being able to ask."""
+    from huggingface_hub import HfApi
+    name = revision or DEFAULT_BRANCH
+    refuse = (f"refusing to load {spec} without --trust-remote-code: {name!r} is not a branch or tag of {repo_id}; "
+              "a pull request (refs/pr/N) or a commit sha can hold anyone's code, since anyone may open a pull "
+              "request on a public repo. Name a branch or tag exactly, or pass --trust-remote-code if you trust "
+              "whoever wrote that revision")
+    # huggingface_hub takes 40 hex digits as a commit whatever the refs say, and the Hub reads refs/...
+    # as a full ref name (refs/pr/N among them) even where a branch happens to have that name
+    if COMMIT_SHA.fullmatch(name) or name.casefold().startswith("refs/"):
+        raise HubError(refuse)
+    try:
+        refs = HfApi().list_repo_refs(repo_id, repo_type="model", token=token)
+    except Exception as e:
+        if _is_network_error(e):
+            raise HubError(f"refusing to load {spec}: the Hub cannot be reached to check that {name!r} is a branch "
+                           "or tag of it, not a pull request; pass --trust-remote-code to load it unchecked") from None
+        raise HubError(explain(e, action=f"load {spec}", repo_id=repo_id, repo_type="model")) from None
+    for ref in [*refs.branches, *refs.tags]:
+        if ref.name == name and ref.ref in (f"refs/heads/{name}", f"refs/tags/{name}"):
+            return ref.target_commit
+    raise HubError(refuse)
 
 
 # ---- errors: huggingface_hub's exceptions as one line a person can act on ----------------------------

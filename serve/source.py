@@ -10,10 +10,13 @@ __all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "resolve_folder", "quiet_known
 HF_PREFIX = "hf://"
 # The help of every `--trust-remote-code`: it says why the flag exists.
 TRUST_REMOTE_CODE_HELP = (
-    "allow loading an hf:// model from a repo outside your own namespace (your Hugging Face user "
-    "name or one of your organisations). model.pkl is a Python pickle, and unpickling runs any code "
-    "its author put in it: pass this only for repos whose authors you trust. Without a token, or "
-    "offline, who you are cannot be checked and every repo needs it.")
+    "allow loading an hf:// model that is not the default branch, a branch or a tag of a repo in your "
+    "own namespace (your Hugging Face user name or one of your organisations). model.pkl is a Python "
+    "pickle, and unpickling runs any code its author put in it; anyone may open a pull request on a "
+    "public repo, so a pull-request revision (@refs/pr/N) or a commit sha (@<sha>, maybe a pull "
+    "request's commit) of your own repo needs this flag too. Pass it only for revisions whose authors "
+    "you trust. Without a token, or offline, who you are and the repo's branches and tags cannot be "
+    "checked, and every hf:// model needs it.")
 
 
 def resolve_folder(spec: str, trust_remote_code: bool = False) -> Path:

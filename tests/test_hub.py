@@ -2,7 +2,8 @@
 
 `FakeHub` is a real HTTP server on 127.0.0.1 that speaks the part of the Hub's HTTP API that
 huggingface_hub 2.x uses for these calls (whoami, repos/create, preupload, the LFS batch API and a
-basic-transfer PUT, the ndjson commit, repo info, tree listing, resolve). The code under test runs
+basic-transfer PUT, the ndjson commit, repo info, refs, tree listing, resolve), with branches, tags
+and pull requests as other commits of a repo (`FakeHub.add_ref`). The code under test runs
 unmodified in a subprocess with HF_ENDPOINT pointing at it, so every request goes through
 huggingface_hub's own client (httpx2) and over a socket, exactly as against huggingface.co.
 What it does not speak is Xet: hf_xet talks to a CAS service through its own Rust client, so the
@@ -47,8 +48,23 @@ class Repo:
     sdk: str | None = None
     files: dict = field(default_factory=dict)     # path -> bytes
     lfs: set = field(default_factory=set)         # paths stored through LFS
-    sha: str = field(default_factory=lambda: secrets.token_hex(20))
+    sha: str = field(default_factory=lambda: secrets.token_hex(20))   # the head of main
     commits: list = field(default_factory=list)
+    # other commits, by sha: (files, lfs paths); and refs other than main, full name -> sha
+    # ("refs/heads/dev", "refs/tags/v1", "refs/pr/1": a pull request, which anyone may open)
+    snapshots: dict = field(default_factory=dict)
+    refs: dict = field(default_factory=dict)
+
+    def at(self, rev: str | None):
+        """(sha, files, lfs) at a revision as the Hub resolves one: main, a commit sha, a full ref name,
+        then a branch, then a tag name; None when there is no such revision."""
+        if rev in (None, "main", "refs/heads/main", self.sha):
+            return self.sha, self.files, self.lfs
+        sha = rev if rev in self.snapshots else (self.refs.get(rev) or self.refs.get(f"refs/heads/{rev}")
+                                                  or self.refs.get(f"refs/tags/{rev}"))
+        if sha == self.sha:
+            return self.sha, self.files, self.lfs
+        return (sha, *self.snapshots[sha]) if sha in self.snapshots else None
 
 
 def _blob_sha(data: bytes) -> str:
@@ -63,6 +79,8 @@ class FakeHub:
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        # a test's hook, run after the refs are read and before they are sent; "drop" closes the connection
+        self.before_refs_reply = None
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,12 +158,29 @@ class FakeHub:
         self.repos[(repo_type, repo_id)] = repo
         return repo
 
+    def add_ref(self, repo_type: str, repo_id: str, ref: str, folder: Path) -> str:
+        """Give a seeded repo another commit with the files of `folder`, at `ref` ("refs/heads/dev",
+        "refs/tags/v1", "refs/pr/1"); returns its sha."""
+        repo, sha = self.repos[(repo_type, repo_id)], secrets.token_hex(20)
+        files, lfs = {".gitattributes": GITATTRIBUTES}, set()
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(folder).as_posix()
+                files[rel] = p.read_bytes()
+                if p.suffix in LFS_SUFFIXES:
+                    lfs.add(rel)
+        repo.snapshots[sha] = (files, lfs)
+        repo.refs[ref] = sha
+        return sha
+
     def log(self, method: str, kind: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["kind"] == kind]
 
     # -- the API
     def handle(self, h):
         url = urlsplit(h.path)
+        # routes match the path as sent, and each part is then unquoted: huggingface_hub quotes a
+        # revision whole (refs/pr/1 -> refs%2Fpr%2F1), so its slashes are not path separators
         path, query = unquote(url.path), parse_qs(url.query)
         body = self.read_body(h) if h.command in ("POST", "PUT") else b""
         ok, who = self.user(h)
@@ -164,6 +199,7 @@ class FakeHub:
             ("POST", r"/api/repos/create", self.create, "create"),
             ("POST", r"/api/(?P<t>models|spaces)/(?P<repo>[^/]+/[^/]+)/preupload/(?P<rev>[^/]+)", self.preupload, "preupload"),
             ("POST", r"/api/(?P<t>models|spaces)/(?P<repo>[^/]+/[^/]+)/commit/(?P<rev>[^/]+)", self.commit, "commit"),
+            ("GET", r"/api/(?P<t>models|spaces)/(?P<repo>[^/]+/[^/]+)/refs", self.list_refs, "refs"),
             ("GET", r"/api/(?P<t>models|spaces)/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)", self.tree, "tree"),
             ("GET", r"/api/(?P<t>models|spaces)/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?", self.info, "info"),
             ("POST", r"/(?:(?P<t>spaces)/)?(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", self.lfs_batch, "lfs-batch"),
@@ -171,26 +207,34 @@ class FakeHub:
             ("GET|HEAD", r"/(?:(?P<t>spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self.resolve, "resolve"),
         ]
         for methods, pattern, fn, kind in routes:
-            m = re.fullmatch(pattern, path)
+            m = re.fullmatch(pattern, url.path)
             if m and h.command in methods.split("|"):
                 entry["kind"] = kind
-                return fn(h, who, body, **m.groupdict())
+                return fn(h, who, body, **{k: v if v is None else unquote(v) for k, v in m.groupdict().items()})
         return self.reply(h, 404, {"error": f"fake hub has no route {h.command} {path}"})
 
     @staticmethod
     def _type(t: str | None) -> str:
         return {"models": "model", "spaces": "space", None: "model"}[t]
 
-    def _visible(self, h, who, t, repo_id, rev=None) -> Repo | None:
+    def _visible(self, h, who, t, repo_id) -> Repo | None:
         repo = self.repos.get((self._type(t), repo_id))
         if repo is None or (repo.private and not (who and repo_id.split("/")[0] in [who[0], *who[1]])):
             self.reply(h, 404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound",
                                                                    "X-Error-Message": "Repository not found"})
             return None
-        if rev not in (None, "main", repo.sha):
+        return repo
+
+    def _at(self, h, who, t, repo_id, rev):
+        """(repo, sha, files, lfs) at `rev`, or None after replying 404."""
+        repo = self._visible(h, who, t, repo_id)
+        if repo is None:
+            return None
+        found = repo.at(rev)
+        if found is None:
             self.reply(h, 404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
             return None
-        return repo
+        return (repo, *found)
 
     def _writable(self, h, who, t, repo_id) -> Repo | None:
         repo = self._visible(h, who, t, repo_id)
@@ -236,28 +280,47 @@ class FakeHub:
         self.reply(h, 200, {"url": self._url(repo), "name": repo_id, "id": secrets.token_hex(12)})
 
     def info(self, h, who, body, t, repo, rev=None):
-        r = self._visible(h, who, t, repo, rev)
-        if r:
-            self.reply(h, 200, {"id": r.repo_id, "sha": r.sha, "private": r.private, "sdk": r.sdk,
-                                "siblings": [{"rfilename": f} for f in sorted(r.files)]})
+        found = self._at(h, who, t, repo, rev)
+        if found:
+            r, sha, files, _ = found
+            self.reply(h, 200, {"id": r.repo_id, "sha": sha, "private": r.private, "sdk": r.sdk,
+                                "siblings": [{"rfilename": f} for f in sorted(files)]})
 
-    def tree(self, h, who, body, t, repo, rev):
-        r = self._visible(h, who, t, repo, rev)
-        if r:
-            self.reply(h, 200, [{"type": "file", "path": f, "size": len(d), "oid": _blob_sha(d),
-                                 **({"lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
-                                    if f in r.lfs else {})}
-                                for f, d in sorted(r.files.items())])
-
-    def resolve(self, h, who, body, t, repo, rev, file):
-        r = self._visible(h, who, t, repo, rev)
+    def list_refs(self, h, who, body, t, repo):
+        r = self._visible(h, who, t, repo)
         if not r:
             return
-        if file not in r.files:
+        info = lambda ref, sha: {"name": ref.split("/", 2)[2], "ref": ref, "targetCommit": sha}
+        refs = {"refs/heads/main": r.sha, **r.refs}
+        out = {"branches": [info(k, v) for k, v in refs.items() if k.startswith("refs/heads/")],
+               "tags": [info(k, v) for k, v in refs.items() if k.startswith("refs/tags/")], "converts": []}
+        if "include_prs" in parse_qs(urlsplit(h.path).query):
+            out["pullRequests"] = [info(k, v) for k, v in refs.items() if k.startswith("refs/pr/")]
+        if self.before_refs_reply is not None and self.before_refs_reply(r) == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)  # no answer at all: a network failure to the client
+            return
+        self.reply(h, 200, out)
+
+    def tree(self, h, who, body, t, repo, rev):
+        found = self._at(h, who, t, repo, rev)
+        if found:
+            _, _, files, lfs = found
+            self.reply(h, 200, [{"type": "file", "path": f, "size": len(d), "oid": _blob_sha(d),
+                                 **({"lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
+                                    if f in lfs else {})}
+                                for f, d in sorted(files.items())])
+
+    def resolve(self, h, who, body, t, repo, rev, file):
+        found = self._at(h, who, t, repo, rev)
+        if not found:
+            return
+        _, sha, files, lfs = found
+        if file not in files:
             return self.reply(h, 404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
-        data = r.files[file]
-        etag = hashlib.sha256(data).hexdigest() if file in r.lfs else _blob_sha(data)
-        self.reply(h, 200, data, {"X-Repo-Commit": r.sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"})
+        data = files[file]
+        etag = hashlib.sha256(data).hexdigest() if file in lfs else _blob_sha(data)
+        self.reply(h, 200, data, {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Content-Type": "application/octet-stream"})
 
     def preupload(self, h, who, body, t, repo, rev):
         if self._writable(h, who, t, repo):
@@ -356,12 +419,15 @@ def assert_clean_error(p: subprocess.CompletedProcess, *words: str):
     return errors[0]
 
 
-def predict_with_app(args: list, cwd: Path, env: dict, image: Path, log: Path, timeout: float = 300):
-    """Start an app (`python *args`) in its own process, wait until gradio_client can connect, call its
-    /predict with `image`, stop it, and return what /predict returned."""
+def predict_with_app(args: list, cwd: Path, env: dict, image: Path, log: Path, timeout: float = 300,
+                     host: str = "127.0.0.1", port: int | None = None, while_up=None):
+    """Start an app (`python *args`) in its own process, wait until gradio_client can connect to
+    host:port (default: $PORT, else the --port argument), call its /predict with `image`, call
+    `while_up()` if given, stop the app, and return what /predict returned."""
     import time
     from gradio_client import Client, handle_file
-    port = int(env["PORT"]) if "PORT" in env else int(args[args.index("--port") + 1])
+    if port is None:
+        port = int(env["PORT"]) if "PORT" in env else int(args[args.index("--port") + 1])
     with open(log, "w") as fh:
         proc = subprocess.Popen([PY, *map(str, args)], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     try:
@@ -372,10 +438,13 @@ def predict_with_app(args: list, cwd: Path, env: dict, image: Path, log: Path, t
             if time.time() > deadline:
                 pytest.fail(f"the app did not answer on port {port}:\n{log.read_text()[-4000:]}")
             try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                client = Client(f"http://{host}:{port}/", verbose=False)
             except Exception:
                 time.sleep(1)
-        return client.predict(handle_file(str(image)), api_name="/predict")
+        result = client.predict(handle_file(str(image)), api_name="/predict")
+        if while_up is not None:
+            while_up()
+        return result
     finally:
         proc.terminate()
         try:
@@ -634,6 +703,86 @@ def test_foreign_repo_needs_trust_remote_code(hub, staged, tmp_path):
     p = run(["-m", "serve.hub", "pull", "hf://bob/digits", "--trust-remote-code"], env)
     assert p.returncode == 0, p.stderr
     assert folder_files(Path(p.stdout.strip().splitlines()[-1]))["model.pkl"] == (staged / "model.pkl").read_bytes()
+
+
+@pytest.fixture
+def revisions(hub, staged, tmp_path):
+    """alice/digits: her model on main, her branch `dev` and tag `v1` (each its own commit, told apart
+    by a marker file), and pull request 1, opened by a stranger, with another model.pkl in it."""
+    import shutil
+    hub.seed("model", "alice/digits", staged)
+    shas = {}
+    for ref, marker in (("refs/heads/dev", "dev.txt"), ("refs/tags/v1", "v1.txt"), ("refs/pr/1", "pr.txt")):
+        folder = tmp_path / "refs" / marker
+        shutil.copytree(staged, folder)
+        (folder / marker).write_text(ref)
+        if ref == "refs/pr/1":
+            (folder / "model.pkl").write_bytes(b"a stranger's pickle")
+        shas[ref] = hub.add_ref("model", "alice/digits", ref, folder)
+    shas["main"] = hub.repos[("model", "alice/digits")].sha
+    return shas
+
+
+def nothing_downloaded(hub) -> bool:
+    """No file and no listing of any revision was fetched: refusing happened before the download."""
+    return not (hub.log("GET", "resolve") or hub.log("HEAD", "resolve") or hub.log("GET", "info")
+                or hub.log("GET", "tree"))
+
+
+@pytest.mark.parametrize("rev", ["refs/pr/1", "pr-sha", "PR-SHA", "main-sha", "refs%2Fpr%2F1", "REFS/PR/1",
+                                 "refs/heads/main", "Dev", "V1", "no-such-branch"])
+def test_your_own_repo_at_a_pull_request_or_sha_needs_trust_remote_code(hub, revisions, tmp_path, rev):
+    """Anyone may open a pull request on a public repo, so only the default branch, a branch or a tag of
+    your repo, named exactly as the repo's refs list them, loads without the flag: a pull request's ref,
+    any commit sha (this one a pull request's; even main's own), a URL-encoded or re-cased form, a full
+    ref name, or anything else is refused before anything is downloaded."""
+    rev = {"pr-sha": revisions["refs/pr/1"], "PR-SHA": revisions["refs/pr/1"].upper(),
+           "main-sha": revisions["main"]}.get(rev, rev)
+    p = run(["-m", "serve.hub", "pull", f"hf://alice/digits@{rev}"], hub_env(hub.url, tmp_path / "hf", token=ALICE))
+    assert_clean_error(p, f"refusing to load hf://alice/digits@{rev}", "not a branch or tag", "pull request",
+                       "--trust-remote-code")
+    assert nothing_downloaded(hub)
+
+
+def test_a_pull_request_loads_with_trust_remote_code(hub, revisions, tmp_path):
+    """The flag is the way to load one, and what comes down is the pull request's own files."""
+    p = run(["-m", "serve.hub", "pull", "hf://alice/digits@refs/pr/1", "--trust-remote-code"],
+            hub_env(hub.url, tmp_path / "hf", token=ALICE))
+    assert p.returncode == 0, p.stderr
+    folder = Path(p.stdout.strip().splitlines()[-1])
+    assert folder.name == revisions["refs/pr/1"]
+    assert (folder / "model.pkl").read_bytes() == b"a stranger's pickle" and (folder / "pr.txt").is_file()
+
+
+@pytest.mark.parametrize("rev", [None, "main", "dev", "v1"])
+def test_your_branches_and_tags_load_without_the_flag(hub, revisions, tmp_path, rev):
+    spec = "hf://alice/digits" + (f"@{rev}" if rev else "")
+    p = run(["-m", "serve.hub", "pull", spec], hub_env(hub.url, tmp_path / "hf", token=ALICE))
+    assert p.returncode == 0, p.stderr
+    folder = Path(p.stdout.strip().splitlines()[-1])
+    ref = {None: "main", "main": "main", "dev": "refs/heads/dev", "v1": "refs/tags/v1"}[rev]
+    assert folder.name == revisions[ref]  # the very commit the ref names
+    assert {m for m in ("dev.txt", "v1.txt", "pr.txt") if (folder / m).exists()} == (
+        {"dev.txt"} if rev == "dev" else {"v1.txt"} if rev == "v1" else set())
+    assert hub.log("GET", "refs")  # checked against the repo's refs, not by the name's shape
+
+
+def test_a_branch_that_moves_to_another_commit_during_the_load_is_refused(hub, revisions, tmp_path):
+    """The refs said `dev` is one commit, then the download resolved it to another (here: the branch
+    moved to the pull request's commit in between): what came down is not what was checked."""
+    hub.before_refs_reply = lambda repo: repo.refs.update({"refs/heads/dev": revisions["refs/pr/1"]})
+    p = run(["-m", "serve.hub", "pull", "hf://alice/digits@dev"], hub_env(hub.url, tmp_path / "hf", token=ALICE))
+    assert_clean_error(p, "refusing to load hf://alice/digits@dev", revisions["refs/pr/1"],
+                       revisions["refs/heads/dev"], "--trust-remote-code")
+
+
+def test_refs_that_cannot_be_read_are_not_trusted(hub, revisions, tmp_path):
+    """The Hub says who you are but the refs request dies (connection dropped): the revision cannot be
+    checked, so it is refused, with the flag as the way out; nothing is downloaded."""
+    hub.before_refs_reply = lambda repo: "drop"
+    p = run(["-m", "serve.hub", "pull", "hf://alice/digits@dev"], hub_env(hub.url, tmp_path / "hf", token=ALICE))
+    assert_clean_error(p, "refusing to load hf://alice/digits@dev", "cannot be reached", "--trust-remote-code")
+    assert hub.log("GET", "refs") and nothing_downloaded(hub)
 
 
 def test_without_a_token_every_repo_is_foreign(hub, staged, tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,20 +42,69 @@ def in_space(space: Path, code: str) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------------------------------------ the folder
 
 def test_space_folder_layout(space, mnist_model):
-    from serve.space import bundled_packages
+    from serve.space import bundled_packages, source_files
     files = folder_files(space)
     assert {"app.py", "requirements.txt", "README.md"} <= set(files)
     # the model folder, as it is
     model = {f[len("model/"):]: d for f, d in files.items() if f.startswith("model/")}
     assert model == folder_files(mnist_model)
-    # our packages, copied byte for byte from the checkout (never re-written)
+    # our packages: their source files, copied byte for byte from the checkout (never re-written)
     packages = bundled_packages(mnist_model)
     assert {"serve", "models"} <= set(packages)
     for package in packages:
-        src = {f: d for f, d in folder_files(ROOT / package).items() if "__pycache__" not in f}
-        assert {f[len(package) + 1:]: d for f, d in files.items() if f.startswith(package + "/")} == src, package
+        src = {f.as_posix(): (ROOT / f).read_bytes() for f in source_files(package)}
+        assert {"serve/space.py", "models/contract.py"} & set(src)
+        assert {f: d for f, d in files.items() if f.startswith(package + "/")} == src, package
     top = {f.split("/")[0] for f in files if "/" in f}
     assert top == {"model", *packages}  # nothing else of the checkout (tests, bench, ...)
+
+
+def checkout_copy(dest: Path, git: bool) -> Path:
+    """The files git tracks in this checkout, copied to `dest`, with `git add` done there when `git`
+    (a fresh clone with work in progress) or no .git at all (an unpacked source archive)."""
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True,
+                             timeout=60).stdout.decode().split("\0")
+    for rel in filter(None, tracked):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    if git:
+        subprocess.run(["git", "init", "-q", str(dest)], check=True, timeout=60)
+        subprocess.run(["git", "-C", str(dest), "add", "-A"], check=True, timeout=60)
+    return dest
+
+
+@pytest.mark.parametrize("git", [True, False], ids=["git-checkout", "no-git"])
+def test_only_source_files_are_bundled_never_other_models_or_data(mnist_model, tmp_path, git, caplog):
+    """models/ is where exported model folders go by default. With the deployed model and a second,
+    private one in there, and a stray data file, the Space holds the deployed model once (under
+    model/) and our source files, nothing else: no second model, no data file, no model twice."""
+    from serve.space import build_space
+    root = checkout_copy(tmp_path / "checkout", git)
+    deployed = root / "models" / "mnist"
+    shutil.copytree(mnist_model, deployed)
+    private = root / "models" / "private-faces"
+    private.mkdir()
+    (private / "metadata.json").write_text('{"name": "private-faces", "classes": ["my", "family"]}')
+    (private / "model.pkl").write_bytes(b"private weights" * 1000)
+    (root / "models" / "faces.csv").write_text("name,photo\nme,/home/me/me.jpg\n")
+    (root / "serve" / "scratch.py").write_text("SECRET = 1\n")  # never added to git
+    out = build_space(deployed, tmp_path / "space", REPO, root=root)
+    files = folder_files(out)
+    assert not [f for f in files if "private-faces" in f or f.endswith(".csv") or "family" in f]
+    assert not [f for f in files if f.startswith("models/mnist")]  # the deployed model only once, under model/
+    assert {f for f in files if f.endswith(".pkl")} == {"model/model.pkl"}
+    ours = {f for f in files if not f.startswith("model/") and f not in ("app.py", "README.md", "requirements.txt")}
+    assert ours and all(f.endswith(".py") for f in ours)
+    if git:  # what git tracks; a file it does not is left out, and said
+        assert ours == {f for f in subprocess.run(["git", "-C", str(root), "ls-files", "serve", "models"],
+                                                  capture_output=True, text=True, check=True).stdout.split()}
+        assert "serve/scratch.py" not in files and "serve/scratch.py" in caplog.text
+    else:  # no git: the packages' *.py files
+        assert ours == {p.relative_to(root).as_posix() for pkg in ("serve", "models")
+                        for p in (root / pkg).rglob("*.py")}
+    model_bytes = sum(len(d) for f, d in files.items() if f.startswith("model/"))
+    assert sum(len(d) for d in files.values()) - model_bytes < 1_000_000  # the rest is source: under 1 MB
 
 
 def test_pickle_references_are_bundled(mnist_model):
@@ -70,7 +121,8 @@ def test_app_py_only_calls_serve(space):
     code = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(code) < 20  # a few lines: the app's logic lives in serve/, never a second copy here
     assert "from serve.__main__ import main" in text and "gradio" not in text and "load_learner" not in text
-    assert '"0.0.0.0"' in text and 'os.environ.get("PORT", "7860")' in text and '"model"' in text
+    assert '"0.0.0.0"' in text and '"7860"' in text and '"model"' in text
+    assert 'os.environ.get("GRADIO_SERVER_NAME")' in text and 'os.environ.get("GRADIO_SERVER_PORT")' in text
 
 
 def test_front_matter(space, mnist_model):
@@ -87,25 +139,45 @@ def test_front_matter(space, mnist_model):
     assert raw["emoji"] and raw["sdk"] == "gradio"
 
 
-def test_requirements_are_the_training_pins_without_gradio(space):
+def test_requirements_are_the_training_pins_without_gradio(space, mnist_model):
     import fastai
     import fastcore
-    import torch
-    import torchvision
     from packaging.requirements import Requirement
-    from packaging.version import Version
+    from models.contract import read_metadata
     lines = [ln.strip() for ln in (space / "requirements.txt").read_text().splitlines()]
     reqs = {Requirement(ln).name.lower(): Requirement(ln) for ln in lines if ln and not ln.startswith("#")}
     assert "gradio" not in reqs  # sdk_version pins it; a second pin could only disagree
     repo = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()
             if ln.strip() and not ln.startswith("#")]
     assert {Requirement(ln).name.lower() for ln in repo} - {"gradio"} == set(reqs)
-    assert all(str(reqs[Requirement(ln).name.lower()]) == str(Requirement(ln)) for ln in repo if not ln.startswith("gradio"))
-    # the pins are the versions this model was trained and is tested with
+    assert all(str(reqs[Requirement(ln).name.lower()]) == str(Requirement(ln)) for ln in repo
+               if Requirement(ln).name.lower() not in ("gradio", "torch", "torchvision"))
     assert str(reqs["fastai"].specifier) == f"=={fastai.__version__}"
     assert str(reqs["fastcore"].specifier) == f"=={fastcore.__version__}"
-    assert Version(torch.__version__.split("+")[0]) in reqs["torch"].specifier
-    assert Version(torchvision.__version__.split("+")[0]) in reqs["torchvision"].specifier
+    # torch and torchvision: exactly what this model was trained with, as its metadata.json says
+    versions = read_metadata(mnist_model)["versions"]
+    for name in ("torch", "torchvision"):
+        assert str(reqs[name].specifier) == f"=={versions[name].split('+')[0]}", (name, versions[name])
+
+
+def test_torch_pins_drop_the_local_build_label_and_say_why():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from serve.space import space_requirements
+    text = space_requirements({"torch": "2.14.1+cu130", "torchvision": "0.29.1+cpu"}, ROOT / "requirements.txt")
+    pins = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert "torch==2.14.1" in pins and "torchvision==0.29.1" in pins
+    assert all(Requirement(ln) for ln in pins)  # every line is one pip reads
+    comment = " ".join(ln for ln in text.splitlines() if ln.startswith("#"))
+    assert "2.14.1+cu130" in comment and "0.29.1+cpu" in comment and "PEP 440" in comment
+    # ... and the comment's claim holds: a pin without a label matches the CPU and the CUDA builds
+    assert all(v in SpecifierSet("==2.14.1") for v in ("2.14.1", "2.14.1+cpu", "2.14.1+cu130"))
+    # a source or pre-release build (not on PyPI), or no record at all: the repo's range stays
+    text = space_requirements({"torch": "2.6.0a0+git1234"}, ROOT / "requirements.txt")
+    repo = {Requirement(ln).name: ln for ln in (ROOT / "requirements.txt").read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")}
+    assert repo["torch"] in text.splitlines() and repo["torchvision"] in text.splitlines()
+    assert "PEP 440" not in text
 
 
 def test_the_checkout_is_not_importable_from_the_space(space, mnist_model):
@@ -156,4 +228,23 @@ def test_space_app_serves_the_model(space, digit, tmp_path):
         pytest.fail("serve/__main__.py (the app) is not in the checkout yet; the Space bundles it")
     path, label = digit
     result = predict_with_app(["app.py"], space, clean_env(PORT=str(free_port())), path, tmp_path / "app.log")
+    assert top_label(result) == label, result
+
+
+def test_space_app_listens_where_gradio_server_name_and_port_say(space, digit, tmp_path):
+    """Spaces, like every Gradio host, give the address in GRADIO_SERVER_NAME / GRADIO_SERVER_PORT; they
+    win over PORT. Bound to 127.0.0.2, the app is not on 127.0.0.1, nor on $PORT."""
+    path, label = digit
+    port, other = free_port(), free_port()
+    while other == port:
+        other = free_port()
+    env = clean_env(GRADIO_SERVER_NAME="127.0.0.2", GRADIO_SERVER_PORT=str(port), PORT=str(other))
+
+    def nothing_else_listens():
+        for host, p in (("127.0.0.1", port), ("127.0.0.2", other), ("127.0.0.1", other)):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, p), timeout=5).close()
+
+    result = predict_with_app(["app.py"], space, env, path, tmp_path / "app.log", host="127.0.0.2", port=port,
+                              while_up=nothing_else_listens)
     assert top_label(result) == label, result
