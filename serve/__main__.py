@@ -13,7 +13,7 @@ import logging
 import sys
 
 from models.cli import port_int, positive_float, positive_int, run_cli
-from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
+from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 def build_parser() -> argparse.ArgumentParser:
     from serve.api import Limits
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per forward pass across concurrent API requests (default {d.max_batch})")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for forward passes (default: CPU cores minus one, left to the event loop)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto", help=FORMAT_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -39,11 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args) -> None:
     from serve.predictor import Predictor, configure_threads
-    # Load (and check) the model before importing Gradio: a bad folder fails in seconds.
-    predictor = Predictor.load(resolve_folder(args.model, args.trust_remote_code), device=args.device)
     # The event loop (HTTP parsing, Gradio's queue, decoding) keeps about one core busy under load.
     threads = configure_threads(1, args.threads)
-    logging.getLogger(__name__).info("loaded %s: %d classes, on %s (%d torch thread(s))", predictor.name,
+    # Load (and check) the model before importing Gradio: a bad folder fails in seconds.
+    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format)
+    predictor = Predictor.load(folder, device=args.device, format=format, threads=threads)
+    logging.getLogger(__name__).info("loaded %s (%s): %d classes, on %s (%d thread(s))", predictor.name, format,
                                      len(predictor.classes), predictor.device, threads)
     from serve.api import Limits
     from serve.app import launch
