@@ -157,15 +157,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from fastai.vision.learner import create_vision_model
 from torchvision.models import {meta.arch}
-meta = json.load(open("metadata.json"))
-model = create_vision_model({meta.arch}, meta["n_out"], pretrained=False, **meta["head"]).eval()
+info = json.load(open("metadata.json"))
+model = create_vision_model({meta.arch}, info["n_out"], pretrained=False, **info["head"]).eval()
 model.load_state_dict(load_file("{WEIGHTS_FILE}"))
-size, mean, std = meta["image_size"], meta["normalize"]["mean"], meta["normalize"]["std"]
+size, mean, std = info["image_size"], info["normalize"]["mean"], info["normalize"]["std"]
 img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
 x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 probs = model(x).softmax(-1)[0]
-print(meta["classes"][int(probs.argmax())], float(probs.max()))
+print(info["classes"][int(probs.argmax())], float(probs.max()))
 ```""")
     if "onnx" in formats:
         parts.append(f"""With onnxruntime alone (no torch; normalisation and softmax are inside the graph):
@@ -173,12 +173,12 @@ print(meta["classes"][int(probs.argmax())], float(probs.max()))
 import json
 import numpy as np, onnxruntime as ort
 from PIL import Image
-meta = json.load(open("metadata.json"))
-size = meta["image_size"]
+info = json.load(open("metadata.json"))
+size = info["image_size"]
 img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
 pixels = np.asarray(img).transpose(2, 0, 1)[None]  # uint8 (1, 3, size, size)
 probs = ort.InferenceSession("{ONNX_FILE}").run(["probabilities"], {{"pixels": pixels}})[0][0]
-print(meta["classes"][int(probs.argmax())], float(probs.max()))
+print(info["classes"][int(probs.argmax())], float(probs.max()))
 ```""")
     return "\n\n".join(parts) + "\n"
 
