@@ -82,22 +82,26 @@ def synthetic_predictor(size: int, n_out: int = 10):
     from fastai.losses import CrossEntropyLossFlat
     from fastai.vision.learner import create_vision_model
     from torchvision.models import resnet18
-    from models.contract import ModelFolder, inference_dataloaders
+    from models.contract import (ARCH, Head, Metrics, ModelFolder, ModelMetadata, Normalization, inference_dataloaders,
+                                 library_versions)
     from serve.predictor import Predictor
     classes = [str(i) for i in range(n_out)]
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # ImageNet's, as a photo model has
     dls = inference_dataloaders(classes, size, mean, std, (Image.new("RGB", (size, size)), classes[0]))
     learn = Learner(dls, create_vision_model(resnet18, n_out, pretrained=False), loss_func=CrossEntropyLossFlat())
     learn.model.eval()
-    meta = {"name": f"random-resnet18-{size}", "classes": classes, "image_size": size,
-            "normalize": {"mean": mean, "std": std}}
-    return Predictor(ModelFolder(Path(f"<random {size} px>"), meta, learn), device="cpu"), meta
+    meta = ModelMetadata(name=f"random-resnet18-{size}", classes=classes, arch=ARCH, n_out=n_out, head=Head(),
+                         activation="softmax", image_size=size, resize_method="squish", input_channels=3,
+                         normalize=Normalization(mean=mean, std=std), versions=library_versions(),
+                         metrics=Metrics(valid_accuracy=0.0, n_valid=0, per_class_accuracy={}, confusion_matrix=[]))
+    folder = ModelFolder(Path(f"<random {size} px>"), meta, "pickle", learn.model, learn)
+    return Predictor(folder, device="cpu"), meta
 
 
-def export(predictor, meta: dict, out: Path) -> Path:
+def export(predictor, meta, out: Path) -> Path:
     from models.onnx import export_onnx
-    return export_onnx(predictor.folder.learner.model, out, image_size=meta["image_size"],
-                       mean=meta["normalize"]["mean"], std=meta["normalize"]["std"], classes=meta["classes"])
+    return export_onnx(predictor.folder.learner.model, out, image_size=meta.image_size,
+                       mean=meta.normalize.mean, std=meta.normalize.std, classes=meta.classes)
 
 
 def bench_case(name: str, predictor, onnx_path: Path, pixels1, batch, iters: int, repeats: int,
@@ -173,7 +177,7 @@ warnings.simplefilter("ignore")
 from serve.predictor import Predictor
 p = Predictor.load({path!r}, device="cpu")
 import torch
-p.probabilities(torch.zeros(1, 3, p.metadata["image_size"], p.metadata["image_size"], dtype=torch.uint8))
+p.probabilities(torch.zeros(1, 3, p.metadata.image_size, p.metadata.image_size, dtype=torch.uint8))
 """
 
 

@@ -21,8 +21,8 @@ import requests
 import torch
 from PIL import Image
 
-from models.contract import (ARCHS, METADATA_FILE, METADATA_VERSION, MODEL_FILE, WEIGHTS_FILE, ModelFolderError,
-                             ModelMetadata, load_model_folder, read_metadata)
+from models.contract import (ARCHS, METADATA_FILE, METADATA_VERSION, MODEL_FILE, ONNX_FILE, WEIGHTS_FILE,
+                             ModelFolderError, ModelMetadata, load_model_folder, read_metadata)
 from serve.predictor import Predictor
 from tests.conftest import ROOT
 from tests.photoset import exif_rotated_jpeg, save_as
@@ -95,6 +95,11 @@ def pickled(folder) -> Predictor:
 @pytest.fixture(scope="module")
 def rebuilt(folder) -> Predictor:
     return Predictor.load(folder, device="cpu", format="safetensors")
+
+
+@pytest.fixture(scope="module")
+def onnx(folder) -> Predictor:
+    return Predictor.load(folder, device="cpu", format="onnx", threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +178,7 @@ def test_from_pretrained_fastai_on_the_push_folder(folder, digit_files, pickled,
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr
-    assert {MODEL_FILE, WEIGHTS_FILE, METADATA_FILE, "pyproject.toml"} <= {f.name for f in staged.iterdir()}
+    assert {MODEL_FILE, WEIGHTS_FILE, ONNX_FILE, METADATA_FILE, "pyproject.toml"} <= {f.name for f in staged.iterdir()}
     code = """
 import json, sys
 import numpy as np
@@ -243,13 +248,23 @@ def digits(mnist_arrays):
     return images, [str(int(y)) for y in mnist_arrays.valid_labels[:N_ORACLE]]
 
 
-def test_oracle_pickle_and_safetensors_match_learn_predict(pickled, rebuilt, digits):
-    """On 500 MNIST test digits both formats give learn.predict's top-1, probabilities within 1e-4."""
+def test_export_writes_the_three_formats(folder):
+    from models.onnx import OnnxClassifier
+    meta = read_metadata(folder)
+    assert all((folder / f).is_file() for f in (MODEL_FILE, WEIGHTS_FILE, ONNX_FILE))
+    assert not [p.name for p in folder.parent.iterdir() if ".partial" in p.name or p.name.endswith(".tmp")]
+    clf = OnnxClassifier(folder / ONNX_FILE)
+    assert clf.classes == meta.classes and clf.image_size == meta.image_size
+
+
+def test_oracle_every_format_matches_learn_predict(pickled, rebuilt, onnx, digits):
+    """On 500 MNIST test digits the three formats give learn.predict's top-1, probabilities within 1e-4
+    (onnx: onnxruntime's fp32 arithmetic, another order of the same operations)."""
     images, truth = digits
     learn = pickled.folder.learner
     theirs = [learn.predict(img) for img in images]
     ref = torch.stack([p for _, _, p in theirs]).float()
-    for predictor in (pickled, rebuilt):
+    for predictor in (pickled, rebuilt, onnx):
         probs = torch.cat([predictor.probabilities([predictor.prepare(im) for im in images[i:i + 128]])
                            for i in range(0, len(images), 128)])
         assert [predictor.classes[i] for i in probs.argmax(1).tolist()] == [str(label) for label, _, _ in theirs], predictor.format
@@ -302,6 +317,14 @@ def test_serve_format_safetensors(evil_folder, digit_files, rebuilt, tmp_path):
     assert not marker.exists()
 
 
+def test_serve_predict_format_onnx(folder, digit_files, rebuilt):
+    p = subprocess.run([PY, "-m", "serve.predict", folder, *digit_files[:8], "--format", "onnx", "--json"], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    labels = [json.loads(line)["label"] for line in p.stdout.splitlines()]
+    assert labels == [r.label for r in rebuilt.predict_batch(digit_files[:8])]
+
+
 def test_a_format_the_folder_lacks_is_one_line(folder, tmp_path, digit_files):
     copy = tmp_path / "old"
     shutil.copytree(folder, copy)
@@ -328,7 +351,7 @@ def test_card_examples_run_outside_the_checkout(folder, rebuilt, mnist_arrays, t
     Image.fromarray(mnist_arrays.valid_images[42]).resize((56, 56), Image.BILINEAR).save(copy / "image.png")
     card = (folder / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", card, flags=re.S)
-    assert len(blocks) >= 2 and any("load_learner" in b for b in blocks) and any("safetensors" in b for b in blocks)
+    assert len(blocks) == 3 and ["load_learner" in blocks[0], "safetensors" in blocks[1], "onnxruntime" in blocks[2]] == [True] * 3
     want = rebuilt.predict(copy / "image.png").label
     for code in blocks:
         p = outside(code, copy)

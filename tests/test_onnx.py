@@ -35,8 +35,8 @@ def folder(mnist_model):
 def onnx_path(folder, tmp_path_factory) -> Path:
     meta = folder.metadata
     return export_onnx(folder.learner.model, tmp_path_factory.mktemp("onnx") / ONNX_FILE,
-                       image_size=meta["image_size"], mean=meta["normalize"]["mean"],
-                       std=meta["normalize"]["std"], classes=meta["classes"])
+                       image_size=meta.image_size, mean=meta.normalize.mean,
+                       std=meta.normalize.std, classes=meta.classes)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_resize_matches_training(folder, mnist_arrays):
     own item pipeline (fastai's Resize(Squish), ToTensor) gives, on sizes that really resize."""
     from models.imageio import RGBImage
     learn = folder.learner
-    size = folder.metadata["image_size"]
+    size = folder.metadata.image_size
     rng = np.random.default_rng(0)
     for i, (w, h) in enumerate([(57, 31), (13, 90), (300, 200), (29, 28)]):
         digit = Image.fromarray(mnist_arrays.valid_images[i]).resize((w, h))
@@ -118,10 +118,10 @@ def test_one_self_describing_file(onnx_path, clf, folder):
     assert inp.type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
     assert [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]] == [3, 28, 28]
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(meta["classes"]) == folder.metadata["classes"] == clf.classes
+    assert json.loads(meta["classes"]) == folder.metadata.classes == clf.classes
     assert int(meta["image_size"]) == clf.image_size == 28
     assert json.loads(meta["multi_label"]) is False and "BILINEAR" in meta["resize"]
-    assert json.loads(meta["normalize"])["mean"] == pytest.approx(folder.metadata["normalize"]["mean"])
+    assert json.loads(meta["normalize"])["mean"] == pytest.approx(folder.metadata.normalize.mean)
     assert os.stat(onnx_path).st_mode & 0o044  # readable by others, as a model file should be (not mkstemp's 0600)
 
 
@@ -149,7 +149,7 @@ def test_failed_write_keeps_the_old_file(folder, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
         export_onnx(folder.learner.model, path, image_size=28, mean=[0.1] * 3, std=[0.3] * 3,
-                    classes=folder.metadata["classes"])
+                    classes=folder.metadata.classes)
     assert path.read_bytes() == b"the old model"
     assert sorted(p.name for p in tmp_path.iterdir()) == [ONNX_FILE]
 

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, MODEL_FILE, ONNX_FILE, TOP_LOSSES_FILE,
-                             WEIGHTS_FILE, Head, Metrics, ModelMetadata, Normalization, inference_dataloaders,
-                             library_versions, write_metadata)
+from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, FORMATS, MODEL_FILE, ONNX_FILE,
+                             TOP_LOSSES_FILE, WEIGHTS_FILE, Head, Metrics, ModelMetadata, Normalization,
+                             inference_dataloaders, library_versions, write_metadata)
+from models.onnx import export_onnx
 from models.weights import save_weights
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "class"
 
 
-def model_card(meta: ModelMetadata, formats: tuple[str, ...] = ("pickle", "safetensors")) -> str:
+def model_card(meta: ModelMetadata, formats: tuple[str, ...] = FORMATS) -> str:
     """The folder's README.md: what the model is, how it was trained and scored, and how to load each
     of the `formats` the folder holds."""
     m, d, cfg = meta.metrics, meta.data, meta.config
@@ -205,17 +206,6 @@ def export_learner(learn, path: Path) -> Path:
     return Path(path)
 
 
-def _export_onnx(model, path: Path, meta: ModelMetadata) -> bool:
-    """model.onnx through `models.onnx.export_onnx`, where this checkout has it (part 3 of issue 10)."""
-    import importlib.util
-    if importlib.util.find_spec("models.onnx") is None:
-        return False
-    from models.onnx import export_onnx
-    export_onnx(model, path, image_size=meta.image_size, mean=meta.normalize.mean, std=meta.normalize.std,
-                classes=meta.classes, multi_label=meta.activation == "sigmoid")
-    return True
-
-
 def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, training_seconds: float,
                  device: str) -> Path:
     """Write the model folder to `cfg.out`; returns its path."""
@@ -251,10 +241,11 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
         finally:
             learn.dls = train_dls
         save_weights(learn.model, tmp / WEIGHTS_FILE)
-        formats = ("pickle", "safetensors") + (("onnx",) if _export_onnx(learn.model, tmp / ONNX_FILE, meta) else ())
+        export_onnx(learn.model, tmp / ONNX_FILE, image_size=meta.image_size, mean=mean, std=std,
+                    classes=meta.classes, multi_label=meta.activation == "sigmoid")
 
         write_metadata(tmp, meta)
-        (tmp / CARD_FILE).write_text(model_card(meta, formats))
+        (tmp / CARD_FILE).write_text(model_card(meta))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
