@@ -1,7 +1,9 @@
 """Decode any image a person may hand us into one RGB picture, or say clearly why not.
 
-This is the single home of image decoding for training (the data cache), the exported learner
-(`RGBImage` is its input type, so `learn.predict(path)` decodes the same way) and the server.
+This is the single home of image decoding for training (the data cache) and for serving every
+model format (`models.contract.Preprocessing`), so both decode alike. The exported learner carries
+fastai's own `PILImage` instead, so that `model.pkl` loads with fastai alone: a third party's
+`learn.predict(path)` decodes the fastai way, without what follows.
 
 What it takes care of, beyond `PIL.Image.open(...).convert("RGB")`:
 - EXIF orientation: phone photos are stored sideways with a rotation tag; we apply it.
@@ -148,9 +150,9 @@ def _unreadable(e: Exception) -> str:
 
 
 class RGBImage(PILImage):
-    """fastai's `PILImage`, created through `open_image` so that training, `learn.predict` and the
-    server decode alike (EXIF rotation, 16-bit, CMYK, first frame). It is the input type of every
-    exported learner, so it lives here, in an importable module, and is pickled by reference."""
+    """fastai's `PILImage`, created through `open_image` so that training and the server decode
+    alike (EXIF rotation, 16-bit, CMYK, first frame). Never pickled: the exported learner uses
+    fastai's `PILImage` (see `models.contract.inference_dataloaders`)."""
 
     @classmethod
     def create(cls, fn: Path | str | bytes | Image.Image | np.ndarray | torch.Tensor, **kwargs) -> "RGBImage":

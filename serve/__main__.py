@@ -13,7 +13,7 @@ import logging
 import sys
 
 from models.cli import port_int, positive_float, positive_int, run_cli
-from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
+from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 def build_parser() -> argparse.ArgumentParser:
     from serve.app import UPLOAD_TTL
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-ttl", type=positive_int, default=UPLOAD_TTL, metavar="SECONDS",
                    help=f"delete each web-UI upload this many seconds after it came, at the latest twice that "
                         f"(default {UPLOAD_TTL}); uploads live in a folder of the server's own, removed when it stops")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto", help=FORMAT_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
@@ -59,11 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args) -> None:
     from serve.predictor import Predictor, configure_threads
-    # Load (and check) the model before importing Gradio: a bad folder fails in seconds.
-    predictor = Predictor.load(resolve_folder(args.model, args.trust_remote_code), device=args.device)
     # The event loop (HTTP parsing, Gradio's queue, decoding) keeps about one core busy under load.
     threads = configure_threads(1, args.threads)
-    logging.getLogger(__name__).info("loaded %s: %d classes, on %s (%d torch thread(s))", predictor.name,
+    # Load (and check) the model before importing Gradio: a bad folder fails in seconds.
+    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format)
+    predictor = Predictor.load(folder, device=args.device, format=format, threads=threads)
+    logging.getLogger(__name__).info("loaded %s (%s): %d classes, on %s (%d thread(s))", predictor.name, format,
                                      len(predictor.classes), predictor.device, threads)
     from serve.app import launch
     from serve.limits import Limits

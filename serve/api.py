@@ -348,8 +348,8 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
     async def health():
         meta = predictor.metadata
         return {"status": "ok", "name": predictor.name, "classes": predictor.classes, "device": str(predictor.device),
-                "arch": meta.get("arch"), "image_size": meta.get("image_size"),
-                "valid_accuracy": meta.get("metrics", {}).get("valid_accuracy"), "created": meta.get("created"),
+                "arch": meta.arch, "image_size": meta.image_size, "format": predictor.format,
+                "valid_accuracy": meta.metrics.valid_accuracy, "created": meta.created,
                 "default_top_k": predictor.default_top_k, "limits": limits.as_dict(),
                 "uptime_s": round(time.time() - started, 1),
                 "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest,

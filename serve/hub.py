@@ -24,6 +24,9 @@ exact name. A pull-request revision (refs/pr/N) is refused, since anyone may ope
 a public repo, and so is a commit sha (it may be a pull request's commit) and anything else. The
 download must then be the very commit the branch or tag named. With no token, offline, or when
 `whoami` or the refs cannot be read, this cannot be checked and the flag is required.
+`model.safetensors` and `model.onnx` run no code when loaded: those formats need no flag, from any
+repo and revision, and are fetched without the pickle (`--format auto` picks safetensors where the
+pickle would need the flag, see `choose_format`).
 
 The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's `get_token`). Every failure a
 person can fix (no token, 401/403, no network, no such repo) ends as `error: <one line>` and exit
@@ -41,10 +44,10 @@ from pathlib import Path
 
 from models.cli import run_cli
 from serve.source import HF_PREFIX, TRUST_REMOTE_CODE_HELP
-from models.contract import (CARD_FILE, EXAMPLES_DIR, METADATA_FILE, MODEL_FILE, ModelFolderError,
-                             read_metadata)
+from models.contract import (CARD_FILE, EXAMPLES_DIR, FORMAT_FILES, METADATA_FILE, MODEL_FILE, ModelFolderError,
+                             ModelMetadata, read_metadata)
 
-__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "stage_model_repo",
+__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "choose_format", "stage_model_repo",
            "model_card", "write_pyproject", "push_model", "check_model_folder", "describe_upload", "hub_token",
            "explain", "check_repo_id", "main"]
 
@@ -110,28 +113,56 @@ def _own_namespaces(token: str | None) -> tuple[set[str], str]:
     return names, f"you are {me.get('name')}" + (f", with orgs {', '.join(orgs)}" if orgs else "")
 
 
-def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None = None) -> Path:
+def _pickle_trusted(repo_id: str, token: str | None) -> tuple[bool, str]:
+    """Whether `repo_id`'s pickle may load without --trust-remote-code, and who you are (for the message)."""
+    owner = repo_id.split("/")[0] if "/" in repo_id else None
+    names, who = _own_namespaces(token)
+    # Hub names are unique regardless of case, and URLs resolve whatever the case
+    return owner is not None and owner.casefold() in {n.casefold() for n in names}, who
+
+
+def choose_format(spec: str, trust_remote_code: bool = False, token: str | None = None) -> str:
+    """What `--format auto` loads from `spec`: the learner pickle from a repo you trust (yours, or
+    --trust-remote-code) at one of its branches or tags, else model.safetensors, which loads without
+    running the author's code."""
+    repo_id, revision = parse_spec(spec)
+    if trust_remote_code:
+        return "pickle"
+    token = token or hub_token()
+    if not _pickle_trusted(repo_id, token)[0]:
+        return "safetensors"
+    try:  # your own repo, but maybe at a pull request's revision: its pickle would be refused
+        _trusted_commit(spec, repo_id, revision, token)
+    except HubError:
+        return "safetensors"
+    return "pickle"
+
+
+def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None = None, format: str = "pickle") -> Path:
     """Download `hf://namespace/name[@revision]` into the Hugging Face cache and return the snapshot
-    folder, a model folder for `load_model_folder`. Raises `HubError` (a `ModelFolderError`) with a
-    one-line message for anything a person must fix, including an untrusted repo."""
+    folder, a model folder for `load_model_folder(folder, format)`. Raises `HubError` (a
+    `ModelFolderError`) with a one-line message for anything a person must fix, including an untrusted
+    repo's pickle. For the pickle-free formats the pickle is not even downloaded."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import get_fastai_version  # package metadata: no fastai import here
     repo_id, revision = parse_spec(spec)
+    if format not in FORMAT_FILES:
+        raise HubError(f"unknown model format {format!r}: use one of {', '.join(FORMAT_FILES)}")
     token = token or hub_token()
-    commit = None  # the commit a trusted branch or tag names; None when --trust-remote-code waived the check
-    if not trust_remote_code:
-        owner = repo_id.split("/")[0] if "/" in repo_id else None
-        names, who = _own_namespaces(token)
-        # Hub names are unique regardless of case, and URLs resolve whatever the case
-        if owner is None or owner.casefold() not in {n.casefold() for n in names}:
+    commit = None  # the commit a trusted branch or tag names; None when no pickle is loaded or the flag waived it
+    if format == "pickle" and not trust_remote_code:
+        trusted, who = _pickle_trusted(repo_id, token)
+        if not trusted:
+            owner = repo_id.split("/")[0] if "/" in repo_id else None
             raise HubError(f"refusing to load {spec}: it is outside your namespace ({who}), and its {MODEL_FILE} "
                            "is a pickle that runs code when loaded; pass --trust-remote-code if you trust "
-                           f"{owner or 'its author'}")
+                           f"{owner or 'its author'}, or --format safetensors to load its weights alone")
         commit = _trusted_commit(spec, repo_id, revision, token)
     log.info("fetching %s into the Hugging Face cache", spec)
     try:
         folder = Path(snapshot_download(repo_id=repo_id, repo_type="model", revision=revision, token=token,
-                                        library_name="fastai", library_version=get_fastai_version()))
+                                        library_name="fastai", library_version=get_fastai_version(),
+                                        ignore_patterns=None if format == "pickle" else [MODEL_FILE]))
     except Exception as e:
         raise HubError(explain(e, action=f"load {spec}", repo_id=repo_id, repo_type="model")) from None
     # The cache names a snapshot folder by its commit. Another commit than the ref named means the Hub
@@ -142,9 +173,14 @@ def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None 
                        f"{commit} that {revision or DEFAULT_BRANCH!r} named a moment before; try again, or pass "
                        "--trust-remote-code if you trust every author of that commit")
     # a repo that is not one of our model folders is refused here, before anything unpickles it
-    if not (folder / METADATA_FILE).is_file() or not (folder / MODEL_FILE).is_file():
+    if not (folder / METADATA_FILE).is_file():
         raise HubError(f"{spec} is not a model folder of this project (it needs {METADATA_FILE} and {MODEL_FILE}; "
                        "push one with `python -m serve.hub push`)")
+    if not (folder / FORMAT_FILES[format]).is_file():
+        hint = (f"; if you trust its author, load its {MODEL_FILE} with --format pickle --trust-remote-code"
+                if format != "pickle" else "")
+        raise HubError(f"{spec} has no {FORMAT_FILES[format]} (pushed before this format existed, or not by "
+                       f"`python -m serve.hub push`){hint}")
     read_metadata(folder)
     return folder
 
@@ -245,7 +281,7 @@ def explain(e: BaseException, action: str, repo_id: str, repo_type: str = "model
 
 # ---- push: a model folder as a Hub model repo ----------------------------------------------------------
 
-def check_model_folder(folder: Path) -> dict:
+def check_model_folder(folder: Path) -> ModelMetadata:
     """The folder's metadata, after checking it holds what a push or a Space needs."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
@@ -256,28 +292,28 @@ def check_model_folder(folder: Path) -> dict:
     return meta
 
 
-def _card_dataset(meta: dict, hub_dataset: str | None) -> tuple[str | None, str, str]:
+def _card_dataset(meta: ModelMetadata, hub_dataset: str | None) -> tuple[str | None, str, str]:
     """(Hub dataset id or None, dataset type, pretty name) for the card."""
     if hub_dataset:
         return hub_dataset, hub_dataset, hub_dataset.split("/")[-1]
-    source = str(meta.get("config", {}).get("source") or meta.get("data", {}).get("source") or "")
+    source = str(meta.config.get("source") or meta.data.get("source") or "")
     if source == "mnist":
         return MNIST_HUB_DATASET, MNIST_HUB_DATASET, "MNIST"
     # a local folder of class folders: the Hub calls that layout "imagefolder"
     return None, "imagefolder", Path(source).name or "images"
 
 
-def model_card(meta: dict, body: str, repo_id: str, hub_dataset: str | None = None, license: str | None = None) -> str:
+def model_card(meta: ModelMetadata, body: str, repo_id: str, hub_dataset: str | None = None, license: str | None = None) -> str:
     """The model card: huggingface_hub's ModelCardData as YAML front matter, then the folder's card
     (any front matter it already has is replaced) and how to load the repo."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     from huggingface_hub.repocard import RepoCard
     dataset_id, dataset_type, dataset_name = _card_dataset(meta, hub_dataset)
-    accuracy = float(meta["metrics"]["valid_accuracy"])
+    accuracy = meta.metrics.valid_accuracy
     data = ModelCardData(
         library_name="fastai",
         pipeline_tag="image-classification",
-        tags=CARD_TAGS + [meta.get("arch", "")] if meta.get("arch") else CARD_TAGS,
+        tags=CARD_TAGS + [meta.arch],
         datasets=[dataset_id] if dataset_id else None,
         metrics=["accuracy"],
         license=license,
@@ -298,15 +334,16 @@ def _hub_usage(repo_id: str) -> str:
 ```
 python -m serve hf://{repo_id}            # the web app + HTTP API of this project
 ```
-With fastai alone (this project's `models` package must be importable: the learner's input type
-lives there; `pip install toml` for the version check):
+With fastai alone (`pip install toml` for huggingface_hub's version check):
 ```python
 from huggingface_hub import from_pretrained_fastai
 learn = from_pretrained_fastai("{repo_id}")
 label, index, probs = learn.predict("image.png")
 ```
 `{MODEL_FILE}` is a pickle: loading it runs code. Load it only if you trust its author; `python -m serve`
-asks for `--trust-remote-code` for repos outside your own namespace.
+asks for `--trust-remote-code` for repos outside your own namespace, and loads their `{FORMAT_FILES["safetensors"]}`
+(no pickle) without it. `huggingface_hub.snapshot_download("{repo_id}")` fetches every file for the
+safetensors and onnxruntime examples above.
 """
 
 
@@ -341,9 +378,9 @@ def stage_model_repo(folder: Path, out: Path, repo_id: str, hub_dataset: str | N
     out = Path(out)
     # dotfiles and caches are never part of a model; the card is regenerated below
     shutil.copytree(folder, out, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.partial*", "*.tmp"))
-    body = (folder / CARD_FILE).read_text(encoding="utf-8") if (folder / CARD_FILE).is_file() else f"# {meta['name']}\n"
+    body = (folder / CARD_FILE).read_text(encoding="utf-8") if (folder / CARD_FILE).is_file() else f"# {meta.name}\n"
     (out / CARD_FILE).write_text(model_card(meta, body, repo_id, hub_dataset, license), encoding="utf-8")
-    write_pyproject(out, meta.get("versions", {}))
+    write_pyproject(out, meta.versions)
     return out
 
 
@@ -392,7 +429,7 @@ def push_model(folder: Path, repo_id: str, private: bool = False, hub_dataset: s
         try:
             url = api.create_repo(repo_id, repo_type="model", private=private or None, exist_ok=True)
             api.upload_folder(repo_id=url.repo_id, folder_path=stage, repo_type="model",
-                              commit_message=f"Upload {meta['name']}: {meta['metrics']['valid_accuracy']:.2%} "
+                              commit_message=f"Upload {meta.name}: {meta.metrics.valid_accuracy:.2%} "
                                              "validation accuracy (serve.hub push)",
                               # a re-push replaces the example images instead of piling them up
                               delete_patterns=[f"{EXAMPLES_DIR}/*"])

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from models.cli import non_negative_int, positive_int, run_cli
-from serve.source import TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
+from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None,
                    help=f"torch threads per forward pass; {FORWARD_THREADS} passes run at once "
                         "(default: the CPU cores not decoding, shared; at least 1)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto", help=FORMAT_HELP)
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="no log lines on stderr (errors are still printed)")
     return p
@@ -133,9 +134,10 @@ def classify_files(predictor, paths, top_k=None, as_json=False, csv_path=None, b
 
 def run(args) -> int:
     from serve.predictor import Predictor, configure_threads
-    predictor = Predictor.load(resolve_folder(args.model, args.trust_remote_code), device=args.device)
     workers = default_workers() if args.workers is None else args.workers
     threads = configure_threads(0, args.threads or default_threads(workers))
+    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format)
+    predictor = Predictor.load(folder, device=args.device, format=format, threads=threads)
     log.info("model %s (%d classes) on %s: %d torch thread(s), %d decoding process(es)", predictor.name,
              len(predictor.classes), predictor.device, threads, workers)
     n_ok, n_bad = classify_files(predictor, args.paths, args.top_k, args.json, args.csv, args.batch_size, workers)

@@ -1,18 +1,22 @@
-"""The one prediction path shared by the web UI, the HTTP API and the CLI.
+"""The one prediction path shared by the web UI, the HTTP API and the CLI, for every model format.
 
-`Predictor` wraps an exported learner (see `models/contract.py`) and runs it on batches directly:
+`Predictor` runs a loaded model folder (see `models/contract.py`) on batches directly:
 
-    decode   the learner's own input-type step (`RGBImage.create` -> `models.imageio.open_image`)
-    item     the learner's `after_item` pipeline (Resize, ToTensor), validation split
-    batch    the learner's `after_batch` pipeline (IntToFloatTensor, Normalize), validation split
-    model    one forward pass under `torch.inference_mode`, then the loss function's activation
+    prepare  `Preprocessing.prepare`: `models.imageio.open_image`, then the training's own Resize
+             and ToTensor (`item_transforms`): a uint8 (3, S, S) tensor
+    network  one small interface, `probabilities(uint8 (N, 3, S, S)) -> float32 (N, classes)`:
+             `TorchNetwork` (the learner's network from model.pkl, or the one rebuilt from
+             model.safetensors: normalisation, forward pass, activation) or onnxruntime's
+             `models.onnx.OnnxClassifier` (normalisation and softmax inside the graph)
 
-Nothing here re-types a size, a mean or a class list: all of it is read from the learner, so the
-server preprocesses exactly as training did (a prototype that assumed ImageNet statistics scored
-55% on MNIST instead of 98.7%). It skips `learn.predict`, which builds a DataLoader per call.
+Nothing here re-types a size, a mean or a class list: all of it is read from metadata.json through
+`ModelMetadata.preprocessing`, the statistics the exported learner carries too (a test holds the two
+pipelines equal), so the server preprocesses exactly as training did (a prototype that assumed
+ImageNet statistics scored 55% on MNIST instead of 98.7%). It skips `learn.predict`, which builds a
+DataLoader per call.
 
     from serve.predictor import Predictor
-    p = Predictor.load("models/mnist")
+    p = Predictor.load("models/mnist")                          # or format="safetensors" / "onnx"
     p.predict("digit.png").as_dict()   # {"label": "7", "confidences": [{"label": "7", "confidence": 0.99}, ...]}
 """
 from __future__ import annotations
@@ -29,13 +33,12 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
-from PIL import Image
-
-from models.contract import ModelFolder, load_model_folder
+from models.contract import ModelFolder, Preprocessing, load_model_folder
 from models.device import pick_device
 from models.imageio import ImageError
 
-__all__ = ["Prediction", "Predictor", "pick_device", "configure_threads", "available_cpus", "DEFAULT_TOP_K"]
+__all__ = ["Prediction", "Predictor", "TorchNetwork", "pick_device", "configure_threads", "available_cpus",
+           "DEFAULT_TOP_K"]
 
 log = logging.getLogger(__name__)
 
@@ -92,49 +95,57 @@ def _optimize_for_inference(model: torch.nn.Module, device: torch.device) -> tup
     return fused.to(device=device, memory_format=torch.channels_last), True
 
 
+class TorchNetwork:
+    """A torch network with the folder's normalisation and activation: uint8 (N, 3, S, S) in,
+    float32 (N, classes) probabilities on the CPU out. Not locked: the Predictor serialises calls."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, activation: str,
+                 device: torch.device, optimize: bool = True):
+        self.device = device
+        self._mean, self._std = preprocessing.stats(device)
+        self._normalize = preprocessing.normalize
+        self._activation = torch.sigmoid if activation == "sigmoid" else (lambda x: torch.softmax(x, dim=-1))
+        model, self._channels_last = model.eval(), False
+        if optimize:  # a fused copy: the loaded model itself stays as it is, on the CPU
+            model, self._channels_last = _optimize_for_inference(model, device)
+        self.model = model.to(device).eval()
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = self._normalize(x.as_subclass(torch.Tensor).to(self.device, non_blocking=True), self._mean, self._std)
+            if self._channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return self._activation(self.model(x)).float().cpu()
+
+
 class Predictor:
-    """An exported learner, ready to classify images on one device. Thread-safe: forward passes
+    """A loaded model folder, ready to classify images on one device. Thread-safe: forward passes
     are serialised by a lock (each already uses every intra-op thread), decoding is not."""
 
     def __init__(self, folder: ModelFolder, device: str | torch.device = "auto", optimize: bool = True):
         self.folder = folder
-        self.device = device if isinstance(device, torch.device) else pick_device(device)
-        learn = folder.learner
-        dls = learn.dls
-        self.classes: list[str] = [str(c) for c in dls.vocab]
-        if self.classes != [str(c) for c in folder.classes]:
-            raise ValueError(f"{folder.path}: the learner's classes {self.classes} differ from metadata.json's "
-                             f"{folder.classes}: re-export the model")
-
-        # The learner's own pipelines, on the validation split (split_idx=1: no augmentation).
-        # The input-type step is found the way fastai's `test_dl` finds it: the first transform
-        # whose declared input types accept a PIL image (it also takes paths and bytes).
-        from fasttransform import Pipeline
-        type_tl = dls.valid_ds.tls[0]
-        start = type_tl.infer_idx(Image.new("RGB", (1, 1)))
-        self._decode = Pipeline(type_tl.tfms.fs[start:], split_idx=1)
-        self._item_tfms = Pipeline(dls.valid.after_item.fs, split_idx=1)
-        batch_fs = copy.deepcopy(list(dls.valid.after_batch.fs))
-        for tfm in batch_fs:  # as fastai's `DataLoader.device` setter does: Normalize's stats to the device
-            for name in getattr(tfm, "parameters", None) or ():
-                if hasattr(getattr(tfm, name), "to"):
-                    setattr(tfm, name, getattr(tfm, name).to(self.device))
-        self._batch_tfms = Pipeline(batch_fs, split_idx=1)
-        from fastai.torch_core import TensorImage
-        self._tensor_image = TensorImage
-
-        activation = getattr(learn.loss_func, "activation", None)
-        self._activation = activation if callable(activation) else (lambda x: torch.softmax(x, dim=-1))
-        model, self._channels_last = learn.model.eval(), False
-        if optimize:  # a fused copy: the learner itself stays as loaded, on the CPU
-            model, self._channels_last = _optimize_for_inference(model, self.device)
-        self.model = model.to(self.device).eval()
+        meta = folder.metadata
+        self.classes: list[str] = [str(c) for c in meta.classes]
+        self.preprocessing = meta.preprocessing
+        if isinstance(folder.model, torch.nn.Module):
+            self.device = device if isinstance(device, torch.device) else pick_device(device)
+            self.network = TorchNetwork(folder.model, self.preprocessing, meta.activation, self.device, optimize)
+        else:  # onnxruntime, on the CPU whatever --device says
+            self.device = torch.device("cpu")
+            self.network = folder.model
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path, device: str | torch.device = "auto", optimize: bool = True) -> "Predictor":
-        """Load a model folder (`models.contract.load_model_folder`: raises `ModelFolderError`)."""
-        return cls(load_model_folder(Path(path)), device=device, optimize=optimize)
+    def load(cls, path, device: str | torch.device = "auto", optimize: bool = True, format: str = "pickle",
+             threads: int | None = None) -> "Predictor":
+        """Load one format of a model folder (`models.contract.load_model_folder`: raises
+        `ModelFolderError`). `threads`: onnxruntime's intra-op threads (torch's are process-wide:
+        `configure_threads`)."""
+        return cls(load_model_folder(Path(path), format=format, threads=threads), device=device, optimize=optimize)
+
+    @property
+    def format(self) -> str:
+        return self.folder.format
 
     # ------------------------------------------------------------------ metadata
 
@@ -143,7 +154,8 @@ class Predictor:
         return self.folder.name
 
     @property
-    def metadata(self) -> dict:
+    def metadata(self):
+        """The folder's `models.contract.ModelMetadata`."""
         return self.folder.metadata
 
     @property
@@ -156,20 +168,11 @@ class Predictor:
     # ------------------------------------------------------------------ the pipeline
 
     def prepare(self, src) -> torch.Tensor:
-        """Decode one image and apply the learner's item transforms: a uint8 (3, H, W) tensor.
+        """Decode one image and resize it as training did: a uint8 (3, S, S) tensor.
 
         `src` is a path, bytes, a binary file object, a PIL image or an array. Raises `ImageError`
         for anything that is not a usable image. Safe to call from many threads at once."""
-        if isinstance(src, (bytearray, memoryview)):
-            src = bytes(src)
-        elif hasattr(src, "read"):
-            src = src.read()
-        elif isinstance(src, Path):
-            src = str(src)
-        img = self._decode(src)
-        if not isinstance(img, Image.Image):  # the type step passes through types it does not take
-            raise ImageError(f"cannot read an image from a {type(src).__name__}")
-        return self._item_tfms(img)
+        return self.preprocessing.prepare(src)
 
     def probabilities(self, items: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """One forward pass over prepared items (a list of them, or already stacked into one
@@ -179,13 +182,8 @@ class Predictor:
             return self._forward(items)
 
     def _forward(self, items) -> torch.Tensor:
-        with torch.inference_mode():
-            x = items.as_subclass(torch.Tensor) if isinstance(items, torch.Tensor) else _stack(items)
-            x = x.to(self.device, non_blocking=True)
-            x = self._batch_tfms(self._tensor_image(x)).as_subclass(torch.Tensor)
-            if self._channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return self._activation(self.model(x)).float().cpu()
+        x = items if isinstance(items, torch.Tensor) else _stack(items)
+        return self.network.probabilities(x)
 
     def top_k(self, probs: torch.Tensor, k: int | None = None) -> list[Prediction]:
         """Rows of probabilities -> one `Prediction` each, with the k most likely classes."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "resolve_folder", "quiet_known_warnings"]
+__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "FORMAT_CHOICES", "FORMAT_HELP", "resolve_folder",
+           "quiet_known_warnings"]
 
 HF_PREFIX = "hf://"
 # The help of every `--trust-remote-code`: it says why the flag exists.
@@ -19,17 +20,29 @@ TRUST_REMOTE_CODE_HELP = (
     "checked, and every hf:// model needs it.")
 
 
-def resolve_folder(spec: str, trust_remote_code: bool = False) -> Path:
-    """A local model folder for `spec`: a path, or `hf://owner/name[@revision]` fetched by
-    `serve.hub.resolve_model` (which raises `ModelFolderError` when it cannot)."""
+# `--format` of `serve` and `serve.predict`: which of a model folder's three files to load.
+FORMAT_CHOICES = ("auto", "pickle", "safetensors", "onnx")
+FORMAT_HELP = (
+    "which model file to load. pickle: model.pkl, the fastai learner (a pickle: loading it runs code). "
+    "safetensors: model.safetensors, the weights alone, the network rebuilt from metadata.json; never "
+    "unpickles anything. onnx: model.onnx on onnxruntime (CPU). auto (default): pickle for a local folder "
+    "and for hf:// repos you trust (your namespace, or --trust-remote-code); safetensors for other hf:// "
+    "repos, so they load without --trust-remote-code")
+
+
+def resolve_folder(spec: str, trust_remote_code: bool = False, format: str = "auto") -> tuple[Path, str]:
+    """(local model folder, format to load) for `spec`: a path, or `hf://owner/name[@revision]`
+    fetched by `serve.hub.resolve_model` (which raises `ModelFolderError` when it cannot)."""
     if str(spec).startswith(HF_PREFIX):
         from models.contract import ModelFolderError
         try:
-            from serve.hub import resolve_model
+            from serve.hub import choose_format, resolve_model
         except ImportError as e:
             raise ModelFolderError(f"cannot fetch {spec}: Hub support is not available ({e})") from None
-        return Path(resolve_model(spec, trust_remote_code=trust_remote_code))
-    return Path(spec)
+        if format == "auto":
+            format = choose_format(spec, trust_remote_code)
+        return Path(resolve_model(spec, trust_remote_code=trust_remote_code, format=format)), format
+    return Path(spec), ("pickle" if format == "auto" else format)
 
 
 def quiet_known_warnings() -> None:

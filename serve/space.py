@@ -37,7 +37,7 @@ from pathlib import Path
 
 from models.atomic import atomic_folder
 from models.cli import run_cli
-from models.contract import MODEL_FILE, ModelFolderError
+from models.contract import MODEL_FILE, ModelFolderError, ModelMetadata
 from serve.hub import HubError, check_model_folder, describe_upload, explain, hub_token, check_repo_id
 
 __all__ = ["ROOT", "MODEL_DIR", "APP_FILE", "build_space", "bundled_packages", "source_files",
@@ -217,13 +217,13 @@ def _trained_pin(name: str, version: str | None, ranged) -> str | None:
     return f"{name}=={v.public}"
 
 
-def space_card(meta: dict, repo_id: str, title: str | None = None, emoji: str = "🖼️",
+def space_card(meta: ModelMetadata, repo_id: str, title: str | None = None, emoji: str = "🖼️",
                license: str = DEFAULT_LICENSE) -> str:
     """README.md with the Spaces front matter, built with huggingface_hub's SpaceCardData."""
     from huggingface_hub import SpaceCard, SpaceCardData
     gradio_version = importlib.metadata.version("gradio")  # == gradio.__version__, without importing gradio
-    py = str(meta.get("versions", {}).get("python") or platform.python_version())
-    accuracy = meta["metrics"]["valid_accuracy"]
+    py = str(meta.versions.get("python") or platform.python_version())
+    accuracy = meta.metrics.valid_accuracy
     data = SpaceCardData(
         title=title or repo_id.split("/")[-1],
         sdk="gradio",
@@ -231,17 +231,17 @@ def space_card(meta: dict, repo_id: str, title: str | None = None, emoji: str = 
         app_file=APP_FILE,
         python_version=".".join(py.split(".")[:2]),  # the pickle's python, major.minor
         license=license,
-        tags=["fastai", "image-classification", "vision", meta.get("arch", "resnet18")],
+        tags=["fastai", "image-classification", "vision", meta.arch],
         emoji=emoji,
         colorFrom="blue",
         colorTo="indigo",
         pinned=False,
-        short_description=f"{meta.get('arch', 'resnet18')} classifier, {len(meta['classes'])} classes"[:60],
+        short_description=f"{meta.arch} classifier, {len(meta.classes)} classes"[:60],
     )
-    classes = ", ".join(meta["classes"][:20]) + (", ..." if len(meta["classes"]) > 20 else "")
+    classes = ", ".join(meta.classes[:20]) + (", ..." if len(meta.classes) > 20 else "")
     body = f"""# {data.title}
 
-A fastai {meta.get('arch', '')} image classifier ({meta['name']}): {len(meta['classes'])} classes ({classes}),
+A fastai {meta.arch} image classifier ({meta.name}): {len(meta.classes)} classes ({classes}),
 {accuracy:.2%} validation accuracy. Drop an image in, get the top classes back. The app and its HTTP API
 are this project's `python -m serve`; the model card is [model/README.md]({MODEL_DIR}/README.md).
 
@@ -251,7 +251,7 @@ from gradio_client import Client, handle_file
 client = Client("{repo_id}")
 print(client.predict(handle_file("digit.png"), api_name="/predict"))
 ```
-Built by `python -m serve.space` with gradio {gradio_version}, fastai {meta.get('versions', {}).get('fastai')}.
+Built by `python -m serve.space` with gradio {gradio_version}, fastai {meta.versions.get('fastai')}.
 """
     return str(SpaceCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 

@@ -250,20 +250,18 @@ def describe(predictor: Predictor) -> str:
     meta = predictor.metadata
     classes = predictor.classes
     shown = ", ".join(f"`{c}`" for c in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
-    m = meta.get("metrics", {})
-    d = meta.get("data", {})
-    lines = [f"## {meta['name']}",
-             f"A {meta.get('arch', 'fastai')} image classifier for {len(classes)} classes: {shown}."]
-    if m.get("valid_accuracy") is not None:
-        lines.append(f"Validation accuracy **{m['valid_accuracy']:.1%}** on {m.get('n_valid', '?')} held-out images.")
+    d = meta.data
+    lines = [f"## {meta.name}",
+             f"A {meta.arch} image classifier for {len(classes)} classes: {shown}.",
+             f"Validation accuracy **{meta.metrics.valid_accuracy:.1%}** on {meta.metrics.n_valid} held-out images."]
     trained = f"Trained on {d['n_train']:,} images" if "n_train" in d else "Trained"
     if d.get("source"):  # the data set's name, not the trainer's local path
         trained += f" from `{Path(str(d['source'])).name or d['source']}`"
-    trained += f", {meta['image_size']}x{meta['image_size']} px" if meta.get("image_size") else ""
-    if meta.get("created"):
-        trained += f", on {meta['created'][:10]}"
-    if meta.get("versions", {}).get("fastai"):
-        trained += f" with fastai {meta['versions']['fastai']}"
+    trained += f", {meta.image_size}x{meta.image_size} px"
+    if meta.created:
+        trained += f", on {meta.created[:10]}"
+    if meta.versions.get("fastai"):
+        trained += f" with fastai {meta.versions['fastai']}"
     lines.append(trained + ".")
     how = "Upload, paste or photograph an image" + (", or draw a digit" if is_digit_model(classes) else "")
     lines.append(f"{how}. Runs on `{predictor.device}`. "

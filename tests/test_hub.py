@@ -510,8 +510,8 @@ def test_card_front_matter(mnist_model, staged):
     assert d.metrics == ["accuracy"]
     (result,) = d.eval_results
     assert (result.task_type, result.metric_type, result.dataset_split) == ("image-classification", "accuracy", "validation")
-    assert result.metric_value == pytest.approx(meta["metrics"]["valid_accuracy"], abs=1e-4)
-    assert result.dataset_type == "imagefolder" and result.dataset_name == Path(meta["data"]["source"]).name
+    assert result.metric_value == pytest.approx(meta.metrics.valid_accuracy, abs=1e-4)
+    assert result.dataset_type == "imagefolder" and result.dataset_name == Path(meta.data["source"]).name
     # the raw model-index, in the Hub's form
     raw = metadata_load(staged / "README.md")
     (index,) = raw["model-index"]
@@ -525,10 +525,12 @@ def test_card_front_matter(mnist_model, staged):
     assert original.strip().splitlines()[0] in card.text and "hf://alice/mnist-resnet18" in card.text
 
 
-def test_card_for_mnist_names_the_hub_dataset():
+def test_card_for_mnist_names_the_hub_dataset(mnist_model):
+    import dataclasses
     from huggingface_hub import ModelCard
+    from models.contract import read_metadata
     from serve.hub import MNIST_HUB_DATASET, model_card
-    meta = {"arch": "resnet18", "config": {"source": "mnist"}, "metrics": {"valid_accuracy": 0.991}}
+    meta = dataclasses.replace(read_metadata(mnist_model), config={"source": "mnist"})
     card = ModelCard(model_card(meta, "---\nlicense: mit\n---\n# old card\n", "a/b", license="apache-2.0"))
     assert card.data.datasets == [MNIST_HUB_DATASET] and card.data.license == "apache-2.0"
     assert card.data.eval_results[0].dataset_type == MNIST_HUB_DATASET and card.text.lstrip().startswith("# old card")

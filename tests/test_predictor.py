@@ -59,15 +59,16 @@ def test_single_image_path_matches_batch(predictor, digits, tmp_path):
 
 
 def test_preprocessing_is_the_learners(predictor, mnist_model):
-    """Resize and Normalize come from the exported learner, matching metadata.json (MNIST's own
+    """Resize and Normalize come from metadata.json and match the exported learner's (MNIST's own
     statistics, not ImageNet's), and the sizes the model sees are the training size."""
     meta = predictor.metadata
-    norm = [t for t in predictor._batch_tfms.fs if type(t).__name__ == "Normalize"][0]
-    assert norm.mean.flatten().tolist() == pytest.approx(meta["normalize"]["mean"], abs=1e-6)
-    assert norm.std.flatten().tolist() == pytest.approx(meta["normalize"]["std"], abs=1e-6)
+    norm = [t for t in predictor.folder.learner.dls.after_batch.fs if type(t).__name__ == "Normalize"][0]
+    assert norm.mean.flatten().tolist() == pytest.approx(meta.normalize.mean, abs=1e-6)
+    assert norm.std.flatten().tolist() == pytest.approx(meta.normalize.std, abs=1e-6)
+    assert list(predictor.preprocessing.mean) == meta.normalize.mean
     assert norm.mean.flatten()[0].item() != pytest.approx(0.485, abs=0.01)  # not ImageNet's
     x = predictor.prepare(Image.new("RGB", (300, 120), "white"))
-    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, meta["image_size"], meta["image_size"])
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, meta.image_size, meta.image_size)
 
 
 def test_top_k(predictor, digits):

@@ -104,7 +104,7 @@ def test_ui_page_and_description(server, predictor):
     assert r.status_code == 200 and "gradio" in r.text.lower()
     from serve.ui import describe
     text = describe(predictor)
-    acc = predictor.metadata["metrics"]["valid_accuracy"]
+    acc = predictor.metadata.metrics.valid_accuracy
     assert f"{acc:.1%}" in text and "`0`" in text and "`9`" in text and "3,000 images" in text
 
 

@@ -1,32 +1,30 @@
 """Export a trained learner as a model folder (see `models/contract.py`), atomically.
 
 Everything is written into a sibling temp folder first; only a complete folder is renamed into
-place, and an older model at the same path is replaced only after the new one is whole.
-
-Nothing written names a path of this machine: the metadata and the card hold names (the data
-folder's, the model's), and the pickle holds neither the folder it was written in nor a copy of
-our code (see `ByReference`).
+place, and an older model at the same path is replaced only after the new one is whole. The
+network goes out in three formats: `model.pkl` (the fastai learner, loadable with fastai alone),
+`model.safetensors` (weights only, rebuilt from metadata.json) and `model.onnx` (onnxruntime).
 """
 from __future__ import annotations
 
-import json
-import operator
+import logging
 import os
-import shutil
-import sys
-import time
-import types
+import pickle
 from datetime import datetime, timezone
 from pathlib import Path
 
-import cloudpickle
 import numpy as np
 import torch
 from PIL import Image
 
-from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, METADATA_FILE, METADATA_VERSION,
-                             MODEL_FILE, TOP_LOSSES_FILE, inference_dataloaders, library_versions)
+from models.atomic import atomic_folder
+from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, FORMATS, MODEL_FILE, ONNX_FILE,
+                             TOP_LOSSES_FILE, WEIGHTS_FILE, Head, Metrics, ModelMetadata, Normalization,
+                             inference_dataloaders, library_versions, write_metadata)
+from models.onnx import export_onnx
+from models.weights import save_weights
 
+log = logging.getLogger(__name__)
 EXAMPLES_PER_CLASS = 3
 MAX_EXAMPLE_CLASSES = 20  # the app shows examples as a grid; a few hundred would drown it
 
@@ -97,26 +95,27 @@ def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "class"
 
 
-def model_card(meta: dict) -> str:
-    m = meta["metrics"]
-    d = meta["data"]
-    cfg = meta["config"]
-    how = ("fine-tuned from ImageNet weights" if cfg["pretrained"]
-           else f"fine-tuned from {cfg['init']}" if cfg["init"] else "trained from scratch")
+def model_card(meta: ModelMetadata, formats: tuple[str, ...] = FORMATS) -> str:
+    """The folder's README.md: what the model is, how it was trained and scored, and how to load each
+    of the `formats` the folder holds."""
+    m, d, cfg = meta.metrics, meta.data, meta.config
+    how = ("fine-tuned from ImageNet weights" if cfg.get("pretrained")
+           else f"fine-tuned from {cfg['init']}" if cfg.get("init") else "trained from scratch")
     rows = "\n".join(f"| {c} | {d['train_counts'][c]} | {d['valid_counts'][c]} | "
-                     f"{'-' if m['per_class_accuracy'][c] is None else format(m['per_class_accuracy'][c], '.2%')} |"
-                     for c in meta["classes"])
-    return f"""# {meta['name']}
+                     f"{'-' if m.per_class_accuracy[c] is None else format(m.per_class_accuracy[c], '.2%')} |"
+                     for c in meta.classes)
+    mean, std = [round(v, 4) for v in meta.normalize.mean], [round(v, 4) for v in meta.normalize.std]
+    return f"""# {meta.name}
 
-A {meta['arch']} image classifier for {len(meta['classes'])} classes, {how} with fastai on
-{d['source']}. Validation accuracy: **{m['valid_accuracy']:.2%}** on {m['n_valid']} images.
+A {meta.arch} image classifier for {len(meta.classes)} classes, {how} with fastai on
+{d['source']}. Validation accuracy: **{m.valid_accuracy:.2%}** on {m.n_valid} images.
 
 ## Training
-- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta['lr']:g}, batch size {cfg['bs']}, seed {cfg['seed']}
-- images squished to {meta['image_size']}x{meta['image_size']} px, normalised with mean {[round(v, 4) for v in meta['normalize']['mean']]}, std {[round(v, 4) for v in meta['normalize']['std']]}
-- augmentation: {'on' if cfg['augment'] else 'off'}; device: {meta['device']}; training time: {meta['training_seconds']:.0f} s
+- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {cfg['bs']}, seed {cfg['seed']}
+- images squished to {meta.image_size}x{meta.image_size} px, normalised with mean {mean}, std {std}
+- augmentation: {'on' if cfg['augment'] else 'off'}; device: {meta.device}; training time: {meta.training_seconds:.0f} s
 - {d['n_train']} training and {d['n_valid']} validation images; {d['n_skipped']} unreadable file(s) skipped
-- made {meta['created']} with fastai {meta['versions']['fastai']}, torch {meta['versions']['torch']}
+- made {meta.created} with fastai {meta.versions['fastai']}, torch {meta.versions['torch']}
 
 | class | train | valid | valid accuracy |
 |---|---|---|---|
@@ -133,13 +132,77 @@ The validation images it got most wrong:
 python -m serve path/to/this/folder            # web app + HTTP API
 python -m serve.predict path/to/this/folder image.jpg --top-k 3
 ```
-or in Python, with this project's `models` package importable (the learner's input type lives there):
+{_usage(meta, formats)}"""
+
+
+def _usage(meta: ModelMetadata, formats) -> str:
+    """How to load each format, as code a reader can paste (run by tests/test_formats.py, from this
+    folder, outside the checkout)."""
+    parts = []
+    if "pickle" in formats:
+        parts.append(f"""With fastai alone (`{MODEL_FILE}` is a pickle: loading it runs code, so load only models you trust):
 ```python
 from fastai.learner import load_learner
-learn = load_learner("model.pkl")
-label, index, probs = learn.predict("image.jpg")
-```
-"""
+learn = load_learner("{MODEL_FILE}")
+label, index, probs = learn.predict("image.png")
+print(label, float(probs[index]))
+```""")
+    if "safetensors" in formats:
+        parts.append(f"""With torch and safetensors, no pickle (fastai's `create_vision_model` builds the network from
+`metadata.json`; images are squished to {meta.image_size}x{meta.image_size} px as in training):
+```python
+import json
+import numpy as np, torch
+from PIL import Image
+from safetensors.torch import load_file
+from fastai.vision.learner import create_vision_model
+from torchvision.models import {meta.arch}
+info = json.load(open("metadata.json"))
+model = create_vision_model({meta.arch}, info["n_out"], pretrained=False, **info["head"]).eval()
+model.load_state_dict(load_file("{WEIGHTS_FILE}"))
+size, mean, std = info["image_size"], info["normalize"]["mean"], info["normalize"]["std"]
+img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
+x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+probs = model(x).softmax(-1)[0]
+print(info["classes"][int(probs.argmax())], float(probs.max()))
+```""")
+    if "onnx" in formats:
+        parts.append(f"""With onnxruntime alone (no torch; normalisation and softmax are inside the graph):
+```python
+import json
+import numpy as np, onnxruntime as ort
+from PIL import Image
+info = json.load(open("metadata.json"))
+size = info["image_size"]
+img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
+pixels = np.asarray(img).transpose(2, 0, 1)[None]  # uint8 (1, 3, size, size)
+probs = ort.InferenceSession("{ONNX_FILE}").run(["probabilities"], {{"pixels": pixels}})[0][0]
+print(info["classes"][int(probs.argmax())], float(probs.max()))
+```""")
+    return "\n\n".join(parts) + "\n"
+
+
+def export_learner(learn, path: Path) -> Path:
+    """`learn.export`, made portable: the stdlib pickle at protocol 4 instead of fastai's default
+    cloudpickle (which pickles `PILImage.create` by value, as Python-version-specific bytecode), a
+    plain optimiser function instead of a partial, and no path of this machine (`learn.path` is
+    '.'). Written to a temp file and renamed, so `path` is whole or absent.
+
+    The optimiser is fastai's own Adam with `train.learner.ADAMW`'s hyperparameters (betas 0.9/0.99,
+    eps 1e-5, decoupled weight decay 0.01): ADAMW is a `functools.partial`, which the Hub's pickle
+    scanner flags. Only a later `learn.fine_tune` by whoever loads the pickle uses it."""
+    from fastai.optimizer import Adam
+    saved = learn.opt_func, learn.opt, learn.path
+    learn.opt_func, learn.opt, learn.path = Adam, None, Path(".")
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    try:
+        learn.export(tmp.resolve(), pickle_module=pickle, pickle_protocol=4)
+        os.replace(tmp, path)
+    finally:
+        learn.opt_func, learn.opt, learn.path = saved
+        tmp.unlink(missing_ok=True)
+    return Path(path)
 
 
 def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, training_seconds: float,
@@ -147,96 +210,35 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
     """Write the model folder to `cfg.out`; returns its path."""
     from train.learner import detach_training_callbacks
     out = Path(cfg.out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         interp = metrics.pop("_interp")
         _save_figures(interp, tmp, len(cache.vocab))
         examples = _save_examples(cache, tmp)
 
-        train_dls = learn.dls
         mean, std = [float(v) for v in mean], [float(v) for v in std]
+        meta = ModelMetadata(
+            name=out.name, classes=[str(c) for c in cache.vocab], arch=ARCH, n_out=len(cache.vocab),
+            head=Head(),  # vision_learner's defaults, what train.learner.build_learner trains
+            activation="softmax",  # CrossEntropyLossFlat's
+            image_size=cfg.size, resize_method="squish", input_channels=3,
+            normalize=Normalization(mean=mean, std=std), metrics=Metrics(**metrics),
+            versions=library_versions(), config=cfg.as_portable_dict(), data=cache.summary.as_dict(), lr=lr,
+            seed=cfg.seed, training_seconds=round(training_seconds, 1), device=device,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples)
+
+        train_dls = learn.dls
         detach_training_callbacks(learn)
         learn.model.cpu()
         sample = (Image.fromarray(cache.images[0].permute(1, 2, 0).numpy()), cache.vocab[int(cache.labels[0])])
         learn.dls = inference_dataloaders(cache.vocab, cfg.size, mean, std, sample)
-        # `learn.path` is pickled: "." rather than this machine's folder (`load_learner` never reads it).
-        # Exported to an absolute name, since fastai writes to learn.path / fname.
-        learn.path = Path(".")
-        learn.export(tmp / (MODEL_FILE + ".tmp"), pickle_module=ByReference)
-        os.replace(tmp / (MODEL_FILE + ".tmp"), tmp / MODEL_FILE)  # learn.export writes in place; rename makes it atomic
-        learn.path = tmp
-        learn.dls = train_dls
+        try:
+            export_learner(learn, tmp / MODEL_FILE)
+        finally:
+            learn.dls = train_dls
+        save_weights(learn.model, tmp / WEIGHTS_FILE)
+        export_onnx(learn.model, tmp / ONNX_FILE, image_size=meta.image_size, mean=mean, std=std,
+                    classes=meta.classes, multi_label=meta.activation == "sigmoid")
 
-        meta = {
-            "metadata_version": METADATA_VERSION,
-            "name": out.name,
-            "task": "image-classification",
-            "classes": list(cache.vocab),
-            "arch": ARCH,
-            "image_size": cfg.size,
-            "resize_method": "squish",
-            "input_channels": 3,
-            "normalize": {"mean": mean, "std": std},
-            "lr": lr,
-            "config": cfg.as_portable_dict(),
-            "seed": cfg.seed,
-            "data": cache.summary.as_dict(),
-            "metrics": metrics,
-            "training_seconds": round(training_seconds, 1),
-            "device": device,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": library_versions(),
-            "examples": examples,
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+        write_metadata(tmp, meta)
         (tmp / CARD_FILE).write_text(model_card(meta))
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-class _ByReferencePickler(cloudpickle.Pickler):
-    """fastai's cloudpickle, except for a classmethod's function. The input pipeline keeps
-    `RGBImage.create` as its plain function, which cloudpickle cannot find under its name (that is
-    the bound method) and so copies by value, our code and the checkout's path (`__file__`) with it.
-    Stored as `attrgetter("create.__func__")(RGBImage)`, it is imported from `models` like the rest.
-    (Not as `getattr(RGBImage.create, "__func__")`: cloudpickle stores a bound method as its function
-    and its class, which would come back here.)"""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, types.FunctionType):
-            bound = _bound_method_of(obj)
-            if bound is not None:
-                return operator.attrgetter(f"{obj.__name__}.__func__"), (bound.__self__,)
-        return super().reducer_override(obj)
-
-
-def _bound_method_of(func):
-    """The classmethod (bound to its class) that `func` is the function of, found by its module and
-    qualified name, or None."""
-    found = sys.modules.get(getattr(func, "__module__", None) or "")
-    for part in getattr(func, "__qualname__", "").split("."):
-        found = getattr(found, part, None)
-    return found if isinstance(found, types.MethodType) and found.__func__ is func else None
-
-
-class ByReference:
-    """The `pickle_module` for `learn.export` (torch.save reads its `__name__` and `Pickler`)."""
-    Pickler = _ByReferencePickler
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`. An existing `out` is moved aside first and deleted
-    only once the new one is in place, so some complete model is always at `out` or beside it."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time())}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -40,8 +40,8 @@ IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"  # torchvision's file name in the tor
 # fastai's Adam (decoupled weight decay 0.01, betas 0.9/0.99, eps 1e-5), but torch's fused kernel:
 # fastai's steps each of resnet18's 62 parameter tensors in Python, and torch's "foreach" is a
 # loop of per-tensor ops on CPU too (~67 ms of a ~0.55 s step at batch 256 on 2 cores); fused
-# does one pass per tensor (~15-25 ms). CPU, CUDA and MPS all have it. Both partials are of
-# importable classes, so the exported pickle holds no lambdas and nothing of this project.
+# does one pass per tensor (~15-25 ms). CPU, CUDA and MPS all have it. Training only: the export
+# swaps it for fastai's plain `Adam` (a partial is what the Hub's pickle scanner flags).
 ADAMW = partial(OptimWrapper, opt=partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5,
                                           weight_decay=0.01, fused=True))
 
@@ -168,9 +168,9 @@ def init_body(learn: Learner, folder: str) -> None:
         source = load_model_folder(folder)
     except ModelFolderError as e:
         raise TrainError(f"--init: {e}") from None
-    if source.metadata.get("arch") != "resnet18":
-        raise TrainError(f"--init: {folder} is a {source.metadata.get('arch')}, not a resnet18")
-    learn.model[0].load_state_dict(source.learner.model[0].state_dict())
+    if source.metadata.arch != "resnet18":
+        raise TrainError(f"--init: {folder} is a {source.metadata.arch}, not a resnet18")
+    learn.model[0].load_state_dict(source.model[0].state_dict())
     learn.freeze()
 
 
