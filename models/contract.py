@@ -318,7 +318,7 @@ class Preprocessing:
         if not isinstance(src, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)):
             raise ImageError(f"cannot read an image from a {type(src).__name__}")
         try:
-            img = RGBImage.create(src)
+            img = RGBImage.create(src, size=self.image_size)  # reduced decoding, as the training cache
         except TypeError as e:  # an array Pillow has no mode for (float64, 5 channels...)
             raise ImageError(f"cannot read an image from this array ({e})") from None
         return self._items(img)

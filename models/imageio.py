@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from fastai.vision.core import PILImage
 
-__all__ = ["ImageError", "MAX_PIXELS", "IMAGE_EXTENSIONS", "open_image", "RGBImage", "is_image_file"]
+__all__ = ["ImageError", "MAX_PIXELS", "IMAGE_EXTENSIONS", "open_image", "RGBImage", "is_image_file", "ORIGINAL_SIZE"]
 
 # 64 megapixels: a 10,000 x 6,000 camera photo passes, a crafted 50,000 x 50,000 PNG (a few KB on
 # disk, 7.5 GB decoded) does not. Pillow's own default (89 MP) only warns below 2x its limit.
@@ -65,6 +65,9 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return background
     return im if im.mode == "RGB" else im.convert("RGB")
 
+
+ORIENTATION = 0x0112       # the EXIF tag
+ORIGINAL_SIZE = "original_size"  # `info` key of every decoded image: its full upright size, reduced or not
 
 # Reduced decoding keeps at least this many times the target size in each dimension, so the final
 # (bilinear, antialiased) resize always downsamples by 2x or more: what it would have done anyway.
@@ -118,7 +121,7 @@ def open_image(src, max_pixels: int = MAX_PIXELS, size: int | tuple[int, int] | 
             raise ImageError("not an image, or a format Pillow cannot read") from None
         except OSError as e:
             raise ImageError(_unreadable(e)) from None
-    w, h = im.size
+    w, h = im.size  # as stored: the pixel limit counts these, before any (reduced) decoding
     if w * h > max_pixels:
         raise ImageError(f"image too large ({w}x{h} = {w*h:,} pixels, limit {max_pixels:,})")
     if w < 1 or h < 1:
@@ -131,10 +134,12 @@ def open_image(src, max_pixels: int = MAX_PIXELS, size: int | tuple[int, int] | 
             # larger target side both ways keeps the margin whichever way the photo is turned.
             side = REDUCE_MARGIN * max(target)
             im.draft(None, (side, side))  # mode None: decode to the stored mode, as a full decode does
+        turned = im.getexif().get(ORIENTATION) in (5, 6, 7, 8)  # EXIF says: stored sideways
         im.load()  # decode now, so truncation surfaces here and not inside a DataLoader
         im = _to_rgb(ImageOps.exif_transpose(im))
         if target is not None and (k := _reduce_factor(im.size, target)) > 1:
             im = im.reduce(k)
+        im.info[ORIGINAL_SIZE] = (h, w) if turned else (w, h)  # upright (width, height) of the full image
         return im
     except ImageError:
         raise
@@ -155,7 +160,8 @@ class RGBImage(PILImage):
     fastai's `PILImage` (see `models.contract.inference_dataloaders`)."""
 
     @classmethod
-    def create(cls, fn: Path | str | bytes | Image.Image | np.ndarray | torch.Tensor, **kwargs) -> "RGBImage":
+    def create(cls, fn: Path | str | bytes | Image.Image | np.ndarray | torch.Tensor, size: int | None = None,
+               **kwargs) -> "RGBImage":
         # The type hint is read by fastai (`input_types`): `test_dl` and `predict` accept any of these.
         if isinstance(fn, cls):
             return fn
@@ -165,4 +171,4 @@ class RGBImage(PILImage):
             fn = fn.to(torch.uint8).numpy()
         if isinstance(fn, np.ndarray):
             fn = Image.fromarray(fn)
-        return cls(open_image(fn))
+        return cls(open_image(fn, size=size))  # `size`: what the image is resized to next (reduced decoding)

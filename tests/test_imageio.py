@@ -165,3 +165,30 @@ def test_reduced_decoding_still_refuses_a_bomb_by_its_stored_size():
     big = _jpeg_bytes(Image.new("L", (9000, 8000)))
     with pytest.raises(ImageError, match="too large"):
         open_image(big, size=32)
+
+
+def test_decoded_images_say_their_full_upright_size(tmp_path):
+    from models.imageio import ORIGINAL_SIZE
+    im = _photo(1200, 400)
+    exif_rotated_jpeg(im, tmp_path / "r.jpg")  # stored 400 x 1200, upright 1200 x 400
+    for size in (None, 48):
+        out = RGBImage.create(tmp_path / "r.jpg", size=size)
+        assert out.info[ORIGINAL_SIZE] == (1200, 400)
+        assert (out.size == (1200, 400)) == (size is None)
+
+
+def test_training_cache_decodes_reduced_and_records_original_sizes(tmp_path):
+    from train.data import decode_items
+    items = []
+    for c, seed in (("a", 1), ("b", 2)):
+        (tmp_path / c).mkdir()
+        for i in range(5):
+            p = tmp_path / c / f"{i}.jpg"
+            _photo(1600, 1200, seed * 10 + i).save(p, quality=90)
+            items.append(p)
+    cache = decode_items([(p, p.parent.name, None) for p in items], 32, "photos", tmp_path, "photos", progress=False)
+    assert tuple(cache.images.shape[1:]) == (3, 32, 32)
+    assert cache.summary.min_size == (1600, 1200) and cache.summary.max_size == (1600, 1200)
+    full = np.stack([np.asarray(open_image(p).resize((32, 32), Image.BILINEAR)) for p in items])
+    got = cache.images.permute(0, 2, 3, 1).numpy().astype(np.float32)
+    assert np.abs(got - full.astype(np.float32)).mean() < 2.0  # the cache keeps the items' order

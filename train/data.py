@@ -26,7 +26,7 @@ from fastai.torch_core import TensorCategory, TensorImage
 from fasttransform import Transform
 
 from models.contract import item_transforms, batch_transforms
-from models.imageio import ImageError, RGBImage, is_image_file
+from models.imageio import ORIGINAL_SIZE, ImageError, RGBImage, is_image_file
 from train.mnist import MnistArrays, find_mnist
 
 log = logging.getLogger(__name__)
@@ -134,16 +134,16 @@ def split_readable(labels: list[str], valid_pct: float, seed: int) -> list[bool]
 
 # --------------------------------------------------------------------------- decoding once
 
-def _decode(path: Path, tfms) -> tuple[torch.Tensor | None, tuple[int, int] | None, str | None]:
+def _decode(path: Path, size: int, tfms) -> tuple[torch.Tensor | None, tuple[int, int] | None, str | None]:
     try:
-        img = RGBImage.create(path)
+        img = RGBImage.create(path, size=size)  # reduced decoding: it is resized to `size` next
     except ImageError as e:
         return None, None, str(e)
-    size = img.size
+    original = img.info[ORIGINAL_SIZE]
     x = img
     for t in tfms:
         x = t(x, split_idx=1)  # the validation/inference behaviour of each transform
-    return x, size, None
+    return x, original, None
 
 
 def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct: float = 0.2, seed: int = 42,
@@ -160,7 +160,7 @@ def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct
     images, labels, valid, skipped, sizes = [], [], [], [], []
     from fastprogress.fastprogress import progress_bar
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda it: _decode(it[0], tfms), items, chunksize=32)
+        results = pool.map(lambda it: _decode(it[0], size, tfms), items, chunksize=32)
         if progress:
             results = progress_bar(results, total=len(items), comment="decoding images")
         for (path, label, is_valid), (x, wh, err) in zip(items, results):
