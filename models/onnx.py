@@ -173,9 +173,9 @@ class OnnxClassifier:
         opts.inter_op_num_threads = 1
         if threads:
             opts.intra_op_num_threads = int(threads)
-        # No busy-waiting between ops: on a small shared machine a spinning pool thread takes the
-        # core a decoder or the event loop needs (bench/formats.py, 2 cores, 2 threads, 224 px:
-        # 134 ms spinning against 76 ms not; on 1 thread there is no pool and it makes no difference).
+        # No busy-waiting between ops: on a small loaded machine a spinning pool thread takes the
+        # core a decoder or the event loop needs (bench/formats.py, 2 loaded cores, 2 threads, 224 px:
+        # 135 ms spinning against 78 ms not; quiet, it halved one 28 px image: see README).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: no warnings about unused initializers on stderr
         try:
