@@ -36,7 +36,8 @@ def main() -> None:
     print((r.stdout or "")[-1500:], (r.stderr or "")[-1500:], flush=True)
     if r.returncode != 0:
         sys.exit("training failed")
-    meta = json.loads((model / "metadata.json").read_text())
+    from models.contract import read_metadata
+    meta = read_metadata(model)
 
     import torch
     from PIL import Image
@@ -46,8 +47,8 @@ def main() -> None:
     images = [Image.fromarray(x) for x in a.valid_images[:2000]]
     truth = [str(int(y)) for y in a.valid_labels[:2000]]
     res = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "train_epochs": args.epochs,
-           "train_wall_s": round(train_wall, 1), "train_fit_s": meta["training_seconds"],
-           "train_valid_accuracy": meta["metrics"]["valid_accuracy"], "train_device": meta["device"]}
+           "train_wall_s": round(train_wall, 1), "train_fit_s": meta.training_seconds,
+           "train_valid_accuracy": meta.metrics.valid_accuracy, "train_device": meta.device}
     for device in devices:
         pred = Predictor.load(model, device=device)
         for im in images[:20]:  # warm-up: cuDNN autotuning, allocator

@@ -64,10 +64,11 @@ def ours(args, tmp: Path, name: str) -> dict:
     r = timed([sys.executable, "-m", "train", "mnist", *args, "--out", str(out)], env={"PYTHONPATH": str(ROOT)})
     if r["rc"] != 0:
         sys.exit(f"{name} failed:\n{r['output'][-3000:]}")
-    meta = json.loads((out / "metadata.json").read_text())
-    r["accuracy"] = meta["metrics"]["valid_accuracy"]
-    r["epochs"] = meta["config"]["epochs"]
-    r["fit_seconds"] = meta["training_seconds"]
+    from models.contract import read_metadata
+    meta = read_metadata(out)
+    r["accuracy"] = meta.metrics.valid_accuracy
+    r["epochs"] = meta.config["epochs"]
+    r["fit_seconds"] = meta.training_seconds
     print(f"{name}: {r['accuracy']:.4f} in {r['seconds']} s (fit {r['fit_seconds']} s), peak RSS {r['peak_rss_mb']} MB",
           flush=True)
     return r

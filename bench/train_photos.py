@@ -139,7 +139,8 @@ def main() -> None:
         n_test = sum(1 for f in test.rglob("*") if f.is_file())
         _, out = run([sys.executable, "-c", OURS_SCORE, tmp / "ours", test])
         ours = accuracy(out)
-        ours_valid = json.loads((tmp / "ours" / "metadata.json").read_text())["metrics"]["valid_accuracy"]
+        from models.contract import read_metadata
+        ours_valid = read_metadata(tmp / "ours").metrics.valid_accuracy
         print(f"ours (broken files left in): {ours:.4f} in {ours_s:.0f} s", flush=True)
     print(json.dumps({"per_class": args.per_class, "epochs": args.epochs, "test_images": n_test,
                       "fastai_from_folder_accuracy": round(plain, 4), "fastai_from_folder_seconds": round(plain_s, 1),

@@ -349,7 +349,9 @@ folder, files = Path(sys.argv[1]), [Path(f) for f in sys.argv[2:]]
 learn = load_learner(folder / "model.pkl")  # CPU by default
 names = [type(cb).__name__ for cb in learn.cbs]
 by_path = [learn.predict(f)[0] for f in files]
-by_pil = [learn.predict(Image.open(f))[0] for f in files]
+# a loaded image: fastai's PILImage.create retypes a lazily opened one without decoding it (fastai's own
+# behaviour for every vision learner), and the exported learner's input type is fastai's PILImage
+by_pil = [learn.predict(Image.open(f).convert("RGB"))[0] for f in files]
 probs, _ = learn.get_preds(dl=learn.dls.test_dl(files))
 print(json.dumps({"path": by_path, "pil": by_pil, "batch": [learn.dls.vocab[i] for i in probs.argmax(1)],
                   "cbs": names, "device": str(next(learn.model.parameters()).device)}))

@@ -59,8 +59,8 @@ def run(cfg) -> Path:
         mean, std = imagenet_stats
     elif cfg.init:
         from models.contract import read_metadata
-        norm = read_metadata(Path(cfg.init))["normalize"]
-        mean, std = norm["mean"], norm["std"]
+        norm = read_metadata(Path(cfg.init)).normalize
+        mean, std = norm.mean, norm.std
     else:
         mean, std = cache.stats()
     dls = build_dataloaders(cache, cfg.bs, mean, std, augment=cfg.augment, flip=cfg.flip, device=device)
