@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from models.cli import positive_int, run_cli
-from serve.source import TRUST_REMOTE_CODE_HELP
+from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP
 
 __all__ = ["EvaluationError", "Labelled", "find_labelled", "read_labels_csv", "score_predictor", "score_tta",
            "summarize", "main"]
@@ -214,14 +214,14 @@ def score_tta(folder, files: list[Path], device: str = "cpu", batch_size: int = 
     from models.contract import ModelFolderError, load_model_folder
     from models.device import pick_device
     dev = pick_device(device)
-    mf = load_model_folder(folder, cpu=dev.type == "cpu")
+    mf = load_model_folder(folder, "pickle")  # fastai's TTA needs the learner itself (loaded on the CPU)
     learn = mf.learner
     if [str(c) for c in learn.dls.vocab] != [str(c) for c in mf.classes]:  # the columns of tta's output
         raise ModelFolderError(f"{folder}: the learner's classes differ from metadata.json's: re-export the model")
     kept, bad = readable(files)
     if not kept:
         return np.zeros((0, len(learn.dls.vocab))), kept, bad
-    flip = bool(mf.metadata.get("config", {}).get("flip", True))
+    flip = bool(mf.metadata.config.get("flip", True))
     # The exported learner carries no augmentation (its DataLoaders are the inference ones), so
     # TTA gets fastai's defaults here, in front of the learner's own batch transforms (a Pipeline
     # orders them: augment, then IntToFloat, then Normalize). They run on split 0 only: the plain pass
@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "blended with a plain one; several times slower) instead of the Predictor")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help=f"images per forward pass (default {BATCH_SIZE})")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
+                   help=FORMAT_HELP + " (--tta needs the learner: pickle)")
     p.add_argument("--trust-remote-code", action="store_true", help=TRUST_REMOTE_CODE_HELP)
     p.add_argument("--quiet", action="store_true", help="no log lines on stderr (errors are still printed)")
     return p
@@ -385,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args) -> dict:
     """The whole job; returns the report (also written to --out)."""
     from serve.source import resolve_folder
-    folder = resolve_folder(args.model, args.trust_remote_code)
+    folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format)
     if args.labels is not None:
         if args.split:
             raise EvaluationError("--split and --labels do not go together: the CSV names the files")
@@ -394,14 +396,14 @@ def evaluate(args) -> dict:
         data = find_labelled(args.data, args.split)
     from models.contract import read_metadata
     meta = read_metadata(folder)  # before loading a pickle: a foreign folder fails fast
-    classes = [str(c) for c in meta["classes"]]
+    classes = list(meta.classes)
     check_classes(data.labels, classes)
     if args.tta:
         probs, kept, bad = score_tta(folder, data.files, args.device, args.batch_size)
         scored_by = f"fastai's learn.tta (n={TTA_PASSES}, default aug_transforms, beta 0.25)"
     else:
         from serve.predictor import Predictor, configure_threads
-        predictor = Predictor.load(folder, device=args.device)
+        predictor = Predictor.load(folder, device=args.device, format=format)
         configure_threads(1)  # one decoding thread beside the forward passes
         classes = predictor.classes
         probs, kept, bad = score_predictor(predictor, data.files, args.batch_size)
@@ -417,7 +419,7 @@ def evaluate(args) -> dict:
     numbers = summarize(probs, y_true, classes, files)
     predictions = numbers.pop("predictions")
     worst = sorted((r for r in predictions if not r["correct"]), key=lambda r: -r["loss"])
-    report = {"model": meta.get("name", Path(folder).name), "model_folder": str(folder), "data": data.source,
+    report = {"model": meta.name, "model_folder": str(folder), "data": data.source,
               "tta": bool(args.tta), "scored_by": scored_by, **numbers,
               "n_misclassified": len(worst), "misclassified": worst[:JSON_WORST],
               "n_skipped": len(skipped), "skipped": [{"file": f, "reason": r} for f, r in skipped],

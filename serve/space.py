@@ -275,7 +275,7 @@ def build_space(model_folder: Path, out: Path, repo_id: str, title: str | None =
         raise HubError(f"--out {out} exists and is not a Space folder built by serve.space: give a new or empty folder")
     if out == model_folder or out in model_folder.parents or model_folder in out.parents or out in (root, *root.parents):
         raise HubError(f"--out {out} overlaps the model folder or the checkout: give another folder")
-    versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
+    versions = meta.versions
     with atomic_folder(out) as tmp:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*", "*.partial*")
         shutil.copytree(model_folder, tmp / MODEL_DIR, ignore=ignore)

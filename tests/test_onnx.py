@@ -212,7 +212,10 @@ def test_readme_example_runs_with_onnxruntime_alone(onnx_path, folder, mnist_arr
     label, _, probs = folder.learner.predict(work / "digit.png")
     check = ("\nimport sys\nassert 'torch' not in sys.modules and 'fastai' not in sys.modules, "
              "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastai'))\n"
-             "assert not any(p and str(p).startswith(" + repr(str(ROOT)) + ") for p in sys.path)\n")
+             # the checkout is not on the path (its .venv may be inside it: site-packages is fine)
+             "import importlib.util, os\n"
+             "assert all(os.path.realpath(p or '.') != " + repr(os.path.realpath(ROOT)) + " for p in sys.path)\n"
+             "assert importlib.util.find_spec('models') is None and importlib.util.find_spec('serve') is None\n")
     r = subprocess.run([PY, "-I", "-c", code + check], cwd=work, env=bare_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
