@@ -63,8 +63,9 @@ def _with_preprocessing(model, mean, std, multi_label: bool):
             # (1, 3, 1, 1) like fastai's Normalize; the same ops in the same order as fastai's
             # IntToFloatTensor (x.float() / 255) and Normalize ((x - mean) / std), so the
             # rounding matches too.
-            self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+            device = next(model.parameters()).device
+            self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
         def forward(self, pixels):
             x = (pixels.float() / 255.0 - self.mean) / self.std
@@ -90,7 +91,8 @@ def export_onnx(model, path, *, image_size: int, mean, std, classes: Sequence[st
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got {list(mean)} and {list(std)}")
     wrapped = _with_preprocessing(model, mean, std, multi_label)
-    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)  # 2, not 1: a batch of 1 may be specialised
+    device = next(model.parameters()).device  # a learner loaded without cpu=True may sit on a GPU
+    example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8, device=device)  # 2, not 1: a batch of 1 may be specialised
     with torch.no_grad():
         n_out = wrapped(example).shape[-1]
     if n_out != len(classes):
@@ -171,9 +173,9 @@ class OnnxClassifier:
         opts.inter_op_num_threads = 1
         if threads:
             opts.intra_op_num_threads = int(threads)
-        # No busy-waiting between ops: on a small shared machine a spinning pool thread takes the
-        # core a decoder or the event loop needs (bench/formats.py, 2 cores, 2 threads, 224 px:
-        # 134 ms spinning against 76 ms not; on 1 thread there is no pool and it makes no difference).
+        # No busy-waiting between ops: on a small loaded machine a spinning pool thread takes the
+        # core a decoder or the event loop needs (bench/formats.py, 2 loaded cores, 2 threads, 224 px:
+        # 135 ms spinning against 78 ms not; quiet, it halved one 28 px image: see README).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: no warnings about unused initializers on stderr
         try:
@@ -193,9 +195,9 @@ class OnnxClassifier:
             raise OnnxModelError(f"{self.path} lacks this project's ONNX metadata ({e}): "
                                  "not a model.onnx written by `python -m train`") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        shape = [inputs[0].shape[i] if len(inputs) == 1 and len(inputs[0].shape) == 4 else None for i in range(4)]
+        s = self.image_size
         if ([i.name for i in inputs] != [INPUT_NAME] or [o.name for o in outputs] != [OUTPUT_NAME]
-                or inputs[0].type != "tensor(uint8)" or shape[1:] != [3, self.image_size, self.image_size]):
+                or inputs[0].type != "tensor(uint8)" or list(inputs[0].shape)[1:] != [3, s, s]):
             raise OnnxModelError(f"{self.path} does not take uint8 {INPUT_NAME} (N, 3, {self.image_size}, "
                                  f"{self.image_size}) to {OUTPUT_NAME}: not a model.onnx written by `python -m train`")
 
