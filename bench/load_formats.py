@@ -7,7 +7,9 @@ Each run is a fresh `python` process, as a server start is, timed in three parts
 - import_s: importing what the format needs (`serve.predictor`, torch, fastai's learner and vision
             modules for the torch formats, onnxruntime for onnx);
 - load_s:   `load_model_folder(folder, format)`: reading the file and building the model;
-- first_s:  `Predictor(...)` (fusing BatchNorm for torch) plus the first prediction of one digit.
+- first_s:  `Predictor(...)` (fusing BatchNorm for torch) plus the first prediction of one digit
+            (which also imports fastai's Resize, the one preprocessing all formats share);
+- total_s:  the three together, what a server start spends on the model.
 Formats alternate run by run so that noise from other processes hits each alike; the median of
 `--repeats` runs each. Progress goes to stderr; the last line on stdout is a one-line JSON summary.
 """
@@ -79,6 +81,7 @@ def main(argv=None) -> dict:
                "sizes_mb": {f: round((args.model / FORMAT_FILES[f]).stat().st_size / 1e6, 1) for f in formats}}
     for fmt, rs in runs.items():
         summary[fmt] = {k: round(statistics.median(r[k] for r in rs), 3) for k in ("import_s", "load_s", "first_s")}
+        summary[fmt]["total_s"] = round(statistics.median(r["import_s"] + r["load_s"] + r["first_s"] for r in rs), 3)
     labels = {f: {r["label"] for r in rs} for f, rs in runs.items()}
     summary["same_label"] = len(set().union(*labels.values())) == 1
     print(json.dumps(summary))
