@@ -169,9 +169,10 @@ def train_end_to_end(photos: Path, size: int, out: Path) -> dict:
     if proc.returncode != 0:
         sys.exit(f"python -m train failed ({proc.returncode}):\n{''.join(lines)[-2000:]}\n{err[-3000:]}")
     total_s = time.perf_counter() - t0
-    meta = json.loads((out / "metadata.json").read_text())
+    from models.contract import read_metadata
+    meta = read_metadata(out)
     return {"seconds": round(total_s, 1), "data_phase_s": round(data_s, 1) if data_s else None,
-            "valid_accuracy": meta.get("metrics", {}).get("valid_accuracy")}
+            "valid_accuracy": meta.metrics.valid_accuracy}
 
 
 # --------------------------------------------------------------------------- accuracy

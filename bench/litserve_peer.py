@@ -48,10 +48,10 @@ class PeerAPI(ls.LitAPI):
         from models.contract import load_model_folder
         folder = load_model_folder(self.model_dir)
         meta = folder.metadata
-        self.classes = list(meta["classes"])
-        self.size = int(meta["image_size"])
-        self.mean = torch.tensor(meta["normalize"]["mean"], dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(meta["normalize"]["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.classes = list(meta.classes)
+        self.size = int(meta.image_size)
+        self.mean = torch.tensor(meta.normalize.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(meta.normalize.std, dtype=torch.float32).view(1, 3, 1, 1)
         self.model = folder.learner.model.eval().to(device)
         self.device = device
         self.k = min(self.top_k, len(self.classes))

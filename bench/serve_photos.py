@@ -266,7 +266,7 @@ def measure(kind, model, threads, tmp, wrk, lua, manifest, sample, classes, args
 def workload(name, model, requests, sample, connections, target, args, tmp, wrk, lua, truth=None) -> dict:
     """Calibrate the peer's threads, then alternate the two servers for --rounds rounds."""
     from models.contract import read_metadata
-    classes = list(read_metadata(model)["classes"])
+    classes = list(read_metadata(model).classes)
     manifest = tmp / f"{name}.manifest"
     manifest.write_text("".join("\t".join(str(f) for f in files) + "\n" for files in requests))
     log.info("%s: %d connections, %d image(s) per request", name, connections, len(requests[0]))

@@ -75,6 +75,27 @@ def _with_preprocessing(model, mean, std, multi_label: bool):
     return PixelsToProbabilities().eval()
 
 
+def _strip_source_locations(proto) -> None:
+    """torch's exporter notes, on every node, the Python stack and the module path that made it
+    (file names of this machine, the checkout's and site-packages'): a model file leaves the
+    machine, so none of that goes in. The graph itself is unchanged."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        g.doc_string = ""
+        for node in g.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [sg for a in node.attribute for sg in a.graphs]
+        for vi in [*g.input, *g.output, *g.value_info]:
+            del vi.metadata_props[:]
+    for fn in proto.functions:
+        fn.doc_string = ""
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+
+
 def export_onnx(model, path, *, image_size: int, mean, std, classes: Sequence[str],
                 multi_label: bool = False, extra_metadata: dict | None = None) -> Path:
     """Write `model` (a torch module taking normalised float images) as one ONNX file at `path`,
@@ -107,6 +128,7 @@ def export_onnx(model, path, *, image_size: int, mean, std, classes: Sequence[st
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
     proto = program.model_proto
+    _strip_source_locations(proto)
     proto.doc_string = (f"uint8 RGB {INPUT_NAME} (N, 3, {image_size}, {image_size}) -> float32 "
                         f"{OUTPUT_NAME} (N, {len(classes)}); preprocessing and "
                         f"{'sigmoid' if multi_label else 'softmax'} inside")

@@ -155,7 +155,7 @@ def test_requirements_are_the_training_pins_without_gradio(space, mnist_model):
     assert str(reqs["fastai"].specifier) == f"=={fastai.__version__}"
     assert str(reqs["fastcore"].specifier) == f"=={fastcore.__version__}"
     # torch and torchvision: exactly what this model was trained with, as its metadata.json says
-    versions = read_metadata(mnist_model)["versions"]
+    versions = read_metadata(mnist_model).versions
     for name in ("torch", "torchvision"):
         assert str(reqs[name].specifier) == f"=={versions[name].split('+')[0]}", (name, versions[name])
 
