@@ -6,8 +6,8 @@ folder with the broken files removed by hand. Both train resnet18 from scratch a
 The folder is made of real MNIST digits dressed up as people's photos: one folder per class
 (`zero/` .. `nine/`), each digit coloured (random ink and paper colours, sensor noise), scaled to
 48..400 px with camera-like aspect ratios (up to 3:2), and saved in assorted modes (L, RGB,
-RGBA, P, CMYK, 16-bit) and formats (tests/photoset.py's), one EXIF-rotated JPEG per class, three
-broken files and a stray notes.txt. (tests/photoset.py's shapes are too hard to learn from
+RGBA, P, CMYK, 16-bit) and formats (synthetic/photoset.py's), one EXIF-rotated JPEG per class, three
+broken files and a stray notes.txt. (synthetic/photoset.py's shapes are too hard to learn from
 scratch at this scale: both pipelines stay near chance, which would compare nothing.) Both models
 are scored on the same held-out test folder, made the same way from MNIST's test digits, so
 neither pipeline's own split decides. Target: ours >= fastai's. Prints one JSON line last.
@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.photoset import save_varied, write_broken_files  # noqa: E402
+from synthetic.photoset import save_varied, write_broken_files  # noqa: E402
 from train.mnist import MnistArrays, MnistError, find_mnist  # noqa: E402
 
 PLAIN_FASTAI = r"""

@@ -25,7 +25,7 @@ from models.contract import (ARCHS, METADATA_FILE, METADATA_VERSION, MODEL_FILE,
                              ModelFolderError, ModelMetadata, load_model_folder, read_metadata)
 from serve.predictor import Predictor
 from tests.conftest import ROOT
-from tests.photoset import exif_rotated_jpeg, save_as
+from synthetic.photoset import exif_rotated_jpeg, save_as
 from tests.servers import serve_process
 
 PY = sys.executable

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from models.imageio import ImageError, RGBImage, open_image
-from tests.photoset import exif_rotated_jpeg, save_as
+from synthetic.photoset import exif_rotated_jpeg, save_as
 
 
 def _png_bytes(im, **kw):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.photoset import make_photo_folder
+from synthetic.photoset import make_photo_folder
 
 PY = sys.executable
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, write_mnist_folder
-from tests.photoset import CLASSES, make_photo_folder
+from synthetic.photoset import CLASSES, make_photo_folder
 from train.cli import main
 from train.data import load_data
 
@@ -154,7 +154,7 @@ def test_presplit_folders(tmp_path, names):
 # --------------------------------------------------------------------------- validation errors
 
 def _class_dir(root, name, n, start=0):
-    from tests.photoset import draw_shape
+    from synthetic.photoset import draw_shape
     import random
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
@@ -489,7 +489,7 @@ def test_resume_refuses_a_setting_that_changes_the_run(interrupted, flag, value,
 
 
 def test_resume_refuses_changed_data(interrupted, capsys):
-    from tests.photoset import draw_shape
+    from synthetic.photoset import draw_shape
     import random
     args, restore = interrupted
     restore()

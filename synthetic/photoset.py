@@ -1,8 +1,8 @@
 """Generate a folder of "photos" the way people's folders really are: one sub-folder per class,
 assorted sizes, modes (L, RGB, RGBA, P, CMYK, 16-bit) and formats (jpg/JPEG/png/gif/webp/bmp/tif),
 an EXIF-rotated JPEG, plus a few broken files and a stray non-image. Used by the tests and by
-bench/train_photos.py. The classes are shapes (circle, square, triangle) on noisy backgrounds, so
-a small CNN can learn them but not trivially.
+bench/train_photos.py (it lives outside tests/ so that both may import it). The classes are shapes
+(circle, square, triangle) on noisy backgrounds, so a small CNN can learn them but not trivially.
 """
 from __future__ import annotations
 
