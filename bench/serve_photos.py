@@ -280,15 +280,16 @@ def measure(kind, model, threads, tmp, wrk, lua, manifest, sample, classes, args
     try:
         server.wait_ready()
         labels = sample_answer(server.port, sample, classes)
-        # Warm up, long enough to see answers come back: their p99 latency is how long the
-        # measured run then leaves uncounted at its start (see WRK_LUA).
+        # Warm up, long enough to see answers come back: their longest latency is how long the
+        # measured run then leaves uncounted at its start (see WRK_LUA). (The p99 was too short:
+        # the first answers after a start come sooner than those in the steady state.)
         warm, warm_s = None, args.warmup
         for _ in range(4):
             warm = run_wrk(wrk, lua, manifest, server.port, warm_s, connections, args.wrk_threads, args.wrk_timeout)
             if warm["requests"] > 0:
                 break
             warm_s *= 3
-        skip = min(120.0, math.ceil(warm["p99_ms"] / 1000)) if warm["requests"] else 120.0
+        skip = min(120.0, math.ceil(warm["max_ms"] / 1000)) if warm["requests"] else 120.0
         # wrk leaves the warm-up's last requests in flight and the server still works them off:
         # one more request, queued behind them, returns when they are done.
         sample_answer(server.port, sample[:1], classes)
