@@ -219,6 +219,6 @@ def test_training_ignores_what_the_cleaner_leaves(tmp_path):
         for i in range(3):
             Image.new("RGB", (8, 8)).save(tmp_path / c / f"{i}.png")
     (tmp_path / "_cleaning.jsonl").write_text("{}\n")
-    items = find_items(tmp_path, valid_pct=0.34)
+    items = find_items(tmp_path)
     assert sorted({label for _, label, _ in items}) == ["a", "b"]
     assert all("_removed" not in f.parts for f, _, _ in items) and len(items) == 6
