@@ -26,6 +26,7 @@ from models.contract import (ARCHS, METADATA_FILE, METADATA_VERSION, MODEL_FILE,
 from serve.predictor import Predictor
 from tests.conftest import ROOT
 from synthetic.photoset import exif_rotated_jpeg, save_as
+from tests.test_hub import assert_clean_error
 from tests.servers import serve_process
 
 PY = sys.executable
@@ -331,7 +332,7 @@ def test_a_format_the_folder_lacks_is_one_line(folder, tmp_path, digit_files):
     (copy / WEIGHTS_FILE).unlink()
     p = subprocess.run([PY, "-m", "serve.predict", copy, digit_files[0], "--format", "safetensors"], cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
-    assert_one_error_line(p, "model.safetensors", "--format pickle")
+    assert_clean_error(p, "model.safetensors", "--format pickle")
     (copy / WEIGHTS_FILE).write_bytes(b"not safetensors at all")
     with pytest.raises(ModelFolderError, match="not a safetensors file"):
         load_model_folder(copy, "safetensors")
@@ -385,7 +386,7 @@ def test_auto_loads_a_strangers_repo_from_safetensors(hub, evil_folder, digit_fi
     assert WEIGHTS_FILE in downloaded and MODEL_FILE not in downloaded and not marker.exists()
     p = subprocess.run([PY, "-m", "serve.predict", "hf://bob/digits", digit_files[5], "--format", "pickle"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert_one_error_line(p, "outside your namespace", "--trust-remote-code", "--format safetensors")
+    assert_clean_error(p, "outside your namespace", "--trust-remote-code", "--format safetensors")
     assert not marker.exists()
 
     # an old repo of a stranger, with no safetensors: auto says what to do, and still unpickles nothing
@@ -395,7 +396,7 @@ def test_auto_loads_a_strangers_repo_from_safetensors(hub, evil_folder, digit_fi
     hub.seed("model", "bob/old", old)
     p = subprocess.run([PY, "-m", "serve.predict", "hf://bob/old", digit_files[5]],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert_one_error_line(p, "hf://bob/old has no model.safetensors", "--trust-remote-code")
+    assert_clean_error(p, "hf://bob/old has no model.safetensors", "--trust-remote-code")
     assert not marker.exists()
 
     # your own repo: auto is the learner pickle, fetched as before
@@ -404,16 +405,6 @@ def test_auto_loads_a_strangers_repo_from_safetensors(hub, evil_folder, digit_fi
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert any(r["kind"] == "resolve" and "alice/digits" in r["path"] and r["path"].endswith(MODEL_FILE) for r in hub.requests)
-
-
-def assert_one_error_line(p: subprocess.CompletedProcess, *words: str) -> str:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, p.stderr
-    for w in words:
-        assert w.lower() in errors[0].lower(), (w, errors[0])
-    return errors[0]
 
 
 # ------------------------------------------------------------------------------------------------ 3. metadata.json
@@ -515,7 +506,7 @@ def test_serve_with_broken_metadata_is_one_error_line(folder, tmp_path, content)
     (copy / METADATA_FILE).write_text(content)
     p = subprocess.run([PY, "-m", "serve", copy, "--port", "0"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=300)
-    assert_one_error_line(p, "metadata.json")
+    assert_clean_error(p, "metadata.json")
 
 
 def test_the_schema_has_one_home():
