@@ -96,7 +96,11 @@ def cleaner(data, mnist_model, tmp_path):
 def pick(page, elem_id: str, option: str) -> None:
     """Choose `option` in the Gradio dropdown `#elem_id`."""
     page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    # The list of this dropdown: inside its block where Gradio renders it there; else the visible
+    # one (the list of a dropdown used just before may still be fading out, with the same names)
+    scoped = page.locator(f"#{elem_id}").get_by_role("option", name=option, exact=True)
+    target = scoped if scoped.count() else page.get_by_role("option", name=option, exact=True).filter(visible=True)
+    target.first.click()
 
 
 def test_move_in_the_browser_then_undo(cleaner, mnist_model):

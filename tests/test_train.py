@@ -372,15 +372,16 @@ def test_export_loads_in_a_fresh_process(mnist_model, mnist_folder):
 
 
 def test_export_replaces_an_old_model_only_when_complete(mnist_model, tmp_path):
+    """The export writes through models.atomic: the old model stays whole at `out` until the new
+    folder is complete, and nothing is left beside it afterwards (tests/test_atomic.py: the rest)."""
     import shutil
-    from train.export import _swap_into_place
+    from models.atomic import atomic_folder
     out = tmp_path / "m"
     shutil.copytree(mnist_model, out)
-    new = tmp_path / ".m.partial"
-    new.mkdir()
-    (new / "marker").write_text("new")
-    _swap_into_place(new, out)
-    assert (out / "marker").read_text() == "new" and not new.exists()
+    with atomic_folder(out) as new:
+        (new / "marker").write_text("new")
+        assert (out / "model.pkl").is_file() and not (out / "marker").exists()  # not yet replaced
+    assert (out / "marker").read_text() == "new" and not (out / "model.pkl").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
