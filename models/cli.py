@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "seed_int", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "number", "fraction", "seed_int", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 EXIT_ERROR = 2         # what argparse itself returns for a usage error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -59,11 +59,24 @@ def port_int(s: str) -> int:
     return v
 
 
-def positive_float(s: str) -> float:
+def number(s: str, expected: str = "a number") -> float:
+    """`s` as a float, or argparse's usage error saying what was `expected`."""
     try:
-        v = float(s)
+        return float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+
+
+def fraction(s: str) -> float:
+    """A share strictly between 0 and 1."""
+    v = number(s)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return v
+
+
+def positive_float(s: str) -> float:
+    v = number(s)
     if not v > 0 or v == float("inf"):  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
     return v

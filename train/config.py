@@ -10,7 +10,7 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from models.cli import non_negative_int, positive_int, seed_int
+from models.cli import fraction, non_negative_int, number, positive_int, seed_int
 
 # MNIST defaults, from runs on a 2-core CPU (seed 42, one-cycle). Two epochs at batch 256, lr 0.02,
 # with batch augmentation (small rotations, zoom, warp, lighting; no flips): 99.30% in 197 s where
@@ -111,23 +111,10 @@ def _same_rate(a: str, b: str) -> bool:
 def learning_rate(s: str) -> str:
     if s == "auto":
         return s
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {s!r}") from None
+    v = number(s, "a number or 'auto'")
     if not 0 < v < 10:
         raise argparse.ArgumentTypeError(f"learning rate must be in (0, 10), got {v}")
     return s
-
-
-def fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
