@@ -96,6 +96,18 @@ def _strip_source_locations(proto) -> None:
             del node.metadata_props[:]
 
 
+
+def _export(torch, wrapped, example):
+    import warnings
+    with warnings.catch_warnings():
+        # torch.export's notes on the dynamic batch dimension, aimed at exporter developers
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            wrapped, (example,), dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+
+
 def export_onnx(model, path, *, image_size: int, mean, std, classes: Sequence[str],
                 multi_label: bool = False, extra_metadata: dict | None = None) -> Path:
     """Write `model` (a torch module taking normalised float images) as one ONNX file at `path`,
@@ -119,14 +131,19 @@ def export_onnx(model, path, *, image_size: int, mean, std, classes: Sequence[st
     if n_out != len(classes):
         raise ValueError(f"the model has {n_out} outputs but {len(classes)} classes were given")
 
-    import warnings
-    with warnings.catch_warnings():
-        # torch.export's notes on the dynamic batch dimension, aimed at exporter developers
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapped, (example,), dynamo=True, opset_version=OPSET, verbose=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+    import logging
+    # The exporter's graph optimiser (onnxscript, onnx_ir) logs each pass at INFO ("PassManager: No
+    # more graph changes..."): notes for exporter developers, which would land in `python -m train`'s
+    # output, whose root logger is at INFO. Quiet for the export, restored after.
+    quiet = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.WARNING)
+    try:
+        program = _export(torch, wrapped, example)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     proto = program.model_proto
     _strip_source_locations(proto)
     proto.doc_string = (f"uint8 RGB {INPUT_NAME} (N, 3, {image_size}, {image_size}) -> float32 "
