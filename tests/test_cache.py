@@ -284,3 +284,16 @@ def test_default_location_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert default_root() == tmp_path / "resnet18-train" / "datasets"
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: only absolute paths count
     assert default_root() == Path.home() / ".cache" / "resnet18-train" / "datasets"
+
+
+def test_keep_existing_leaves_the_first_complete_folder(tmp_path):
+    from models.atomic import atomic_folder
+    out = tmp_path / "c"
+    with atomic_folder(out, keep_existing=True) as tmp:
+        (tmp / "a").write_text("late")
+        out.mkdir()
+        (out / "a").write_text("first")  # another writer finished meanwhile
+    assert (out / "a").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    with atomic_folder(tmp_path / "d", keep_existing=True) as tmp:
+        (tmp / "a").write_text("only")
+    assert (tmp_path / "d" / "a").read_text() == "only"

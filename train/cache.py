@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 PROJECT = "resnet18-train"   # the folder of ours under the user's cache folder
 FORMAT = 1                   # the layout of a cache folder; bump when it changes (old ones are then rebuilt)
-KEEP_PER_FOLDER = 3          # caches kept per data folder (e.g. three --size values), most recently used first
+KEEP_PER_FOLDER = 3          # caches kept per data folder (e.g. three --size values), most recently used first;
+                             # said in --cache-dir's help (train/config.py) and the README
 # A `.partial-` folder whose process is not running here and that nothing wrote to for this long
 # (seconds) is a killed build: removed. The age also protects a build on another machine sharing the folder.
 STALE_PARTIAL_S = 600

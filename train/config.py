@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", default="", metavar="DIR",
                        help="where the decoded images of a folder are cached, memory-mapped, for later runs "
                             "(default: $XDG_CACHE_HOME, else ~/.cache, /resnet18-train/datasets; rebuilt when a "
-                            "file or --size changes; MNIST's IDX files are never cached)")
+                            "file or --size changes; the 3 most recently used are kept per data folder; MNIST's "
+                            "IDX files are never cached)")
     cache.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode into memory and write no cache (the data set must fit in memory)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
