@@ -10,6 +10,10 @@ named `.<name>.partial-<pid>-<random>`. On success an existing `out` is first re
 every moment a complete folder is at `out` or beside it. On any exception, KeyboardInterrupt
 included, the temporary folder is removed and `out` is left as it was. Only a process killed
 outright (SIGKILL, power loss) can leave a `.partial-` folder behind; nothing ever reads one.
+
+`keep_existing=True` is for folders that any complete copy serves as well as another (the data
+cache, where concurrent builders of one key write the same content): the new folder is renamed
+into place only if `out` does not exist by then, else it is dropped and the first complete one stays.
 """
 from __future__ import annotations
 
@@ -29,16 +33,26 @@ def _beside(out: Path, kind: str) -> Path:
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block ends without an exception, it
-    becomes `out` (replacing an existing `out`, file or folder). The caller decides beforehand
-    whether an existing `out` may be replaced."""
+    becomes `out` (replacing an existing `out`, file or folder; with `keep_existing`, only if there
+    is no `out` by then). The caller decides beforehand whether an existing `out` may be replaced."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _beside(out, "partial")
     tmp.mkdir()  # plain mkdir: the folder gets the umask's permissions, as any folder the user makes
     try:
         yield tmp
+        if keep_existing:
+            try:
+                # rename(2) onto a non-empty folder fails (ENOTEMPTY/EEXIST): checking and renaming
+                # are one step, so two writers can never both win or leave `out` half replaced.
+                os.rename(tmp, out)
+            except OSError:
+                if not out.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another writer finished first: keep theirs
+            return
         old = None
         if out.exists() or out.is_symlink():
             old = _beside(out, "old")

@@ -28,7 +28,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from fastai.vision.core import PILImage
 
-__all__ = ["ImageError", "MAX_PIXELS", "IMAGE_EXTENSIONS", "open_image", "RGBImage", "is_image_file", "ORIGINAL_SIZE"]
+__all__ = ["ImageError", "MAX_PIXELS", "IMAGE_EXTENSIONS", "open_image", "RGBImage", "is_image_file", "ORIGINAL_SIZE",
+           "DECODER_VERSION"]
+
+# Bump whenever a change here alters the pixels some file decodes to (reduced decoding, colour
+# handling, orientation...): the training data cache (`train.cache`) has it in its key, so every
+# cache decoded the old way is rebuilt instead of trusted. Pillow's own version is in the key too.
+DECODER_VERSION = 1
 
 # 64 megapixels: a 10,000 x 6,000 camera photo passes, a crafted 50,000 x 50,000 PNG (a few KB on
 # disk, 7.5 GB decoded) does not. Pillow's own default (89 MP) only warns below 2x its limit.

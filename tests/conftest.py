@@ -6,7 +6,9 @@ original IDX files; with neither, the tests fail and say so (never skip).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: full-MNIST runs, minutes each (run by .ci/run; deselect with -m 'not slow')")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no phoning home from tests
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in tests may reach the real Hub
+    # Every `python -m train` of the tests (in process or not) puts its data cache here, never in the
+    # user's ~/.cache; removed when the session ends.
+    global _XDG_CACHE
+    _XDG_CACHE = tempfile.mkdtemp(prefix="pytest-xdg-cache-")
+    os.environ["XDG_CACHE_HOME"] = _XDG_CACHE
+
+
+_XDG_CACHE = None
+
+
+def pytest_unconfigure(config):
+    if _XDG_CACHE:
+        shutil.rmtree(_XDG_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

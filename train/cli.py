@@ -44,8 +44,10 @@ def run(cfg) -> Path:
         log.warning("an interrupted run left %s; starting over (it is replaced after the first epoch). "
                     "Use --resume to continue it instead.", ckpt)
 
+    from train.cache import default_root
     cache = load_data(cfg.source, cfg.size, cfg.valid_pct, cfg.seed, cfg.mnist_dir or None,
-                      progress=not cfg.quiet and sys.stderr.isatty(), workers=cfg.workers or None)
+                      progress=not cfg.quiet and sys.stderr.isatty(), workers=cfg.workers or None,
+                      cache_dir=(cfg.cache_dir or default_root()) if cfg.cache else None)
     if not cfg.quiet:
         print(cache.summary.table(), flush=True)
     counts = {"train": cache.summary.train_counts, "valid": cache.summary.valid_counts}

@@ -25,7 +25,7 @@ MNIST_ONE_EPOCH = dict(lr=0.01, bs=128, augment=False)
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
 # Fields holding a path of this machine: resolved (absolute) in the config, their names only in metadata.json.
-PATH_FIELDS = ("source", "out", "init", "mnist_dir")
+PATH_FIELDS = ("source", "out", "init", "mnist_dir", "cache_dir")
 # What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
 # schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
 # validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
@@ -53,6 +53,9 @@ class TrainConfig:
     mnist_dir: str = ""              # a local MNIST copy; default $MNIST_DIR, else download
     quiet: bool = False              # no progress bars or per-epoch lines
     workers: int = 0                 # image-decoding threads; 0 = 2 x cores, at most 8
+    # The decode-once data cache (train/cache.py). Neither changes what a run computes, so --resume lets them differ.
+    cache: bool = True               # keep decoded images in a memory-mapped cache on disk, reused while the files stay
+    cache_dir: str = ""              # where; "" = $XDG_CACHE_HOME (else ~/.cache)/resnet18-train/datasets
 
     def resolve(self) -> "TrainConfig":
         """Fill the defaults that depend on the data source and on --pretrained."""
@@ -74,6 +77,7 @@ class TrainConfig:
         self.out = _absolute(self.out or Path(__file__).resolve().parents[1] / "models" / Path(self.source).name)
         self.init = self.init and _absolute(self.init)
         self.mnist_dir = self.mnist_dir and _absolute(self.mnist_dir)
+        self.cache_dir = self.cache_dir and _absolute(self.cache_dir)
         return self
 
     def as_dict(self) -> dict:
@@ -170,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding threads (default, or 0: 2 x cores, at most 8)")
+    cache = p.add_mutually_exclusive_group()  # the data cache (train/cache.py)
+    cache.add_argument("--cache-dir", default="", metavar="DIR",
+                       help="where the decoded images of a folder are cached, memory-mapped, for later runs "
+                            "(default: $XDG_CACHE_HOME, else ~/.cache, /resnet18-train/datasets; rebuilt when a "
+                            "file or --size changes; the 3 most recently used are kept per data folder; MNIST's "
+                            "IDX files are never cached)")
+    cache.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="decode into memory and write no cache (the data set must fit in memory)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
     return p
 

@@ -4,6 +4,8 @@ Every source (MNIST's IDX files, MNIST's folder layout, a person's class folders
 `ImageCache`: uint8 images (N, 3, S, S) already resized by the model's own item transforms,
 integer labels, a train/valid mask, and a `DataSummary` of what was found and skipped.
 A folder that is not split already is split after decoding, among the readable images only.
+The decoded images of a folder are held in memory, or (`python -m train`'s default) in the disk
+cache of `train.cache`, memory-mapped and reused by later runs: the batches are slices either way.
 
 Why a cache: fastai's `from_folder` opens, decodes and resizes every file on every epoch (about 70
 of the article's 163 s on MNIST) and crashes mid-epoch on one truncated JPEG. Decoding once up
@@ -27,6 +29,7 @@ from fasttransform import Transform
 
 from models.contract import item_transforms, batch_transforms
 from models.imageio import ORIGINAL_SIZE, ImageError, RGBImage, is_image_file
+from train.cache import CacheError, Decoded, load_or_build
 from train.mnist import MnistArrays, find_mnist
 
 log = logging.getLogger(__name__)
@@ -81,10 +84,21 @@ class ImageCache:
     summary: DataSummary
 
     def stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of the training images in [0, 1], for normalisation."""
-        x = self.images[~self.is_valid]
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:20_000]].float().div_(255)
-        return x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+        """Per-channel mean and std of (up to 20,000 of) the training images in [0, 1], for normalisation.
+        Summed in chunks of images: indexing them all at once would copy them out of a memory-mapped
+        cache (and, as float, take 4x their size: 4 GB for 20,000 images at 128 px)."""
+        train = torch.nonzero(~self.is_valid).flatten()
+        pick = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:20_000]].sort().values
+        total = torch.zeros(3, dtype=torch.float64)
+        squares = torch.zeros(3, dtype=torch.float64)
+        for chunk in pick.split(64):  # 64 images at 128 px: 13 MB as float
+            x = self.images[chunk].float().div_(255)
+            total += x.sum((0, 2, 3), dtype=torch.float64)
+            squares += x.square_().sum((0, 2, 3), dtype=torch.float64)
+        n = len(pick) * self.images.shape[-1] * self.images.shape[-2]
+        mean = total / n
+        std = ((squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
+        return mean.tolist(), std.tolist()
 
 
 # --------------------------------------------------------------------------- finding items
@@ -146,38 +160,77 @@ def _decode(path: Path, size: int, tfms) -> tuple[torch.Tensor | None, tuple[int
     return x, original, None
 
 
-def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct: float = 0.2, seed: int = 42,
-                 workers: int | None = None, progress: bool = True) -> ImageCache:
-    """Decode and resize every file once, in threads (Pillow releases the GIL while decoding), then
-    split the readable ones of an unsplit folder (items whose is_valid is None).
+# Decoded images waiting, in order, to be written out: enough to keep every thread busy, and only
+# this many (not the whole data set) are ever held in memory at once.
+DECODE_WINDOW_PER_WORKER = 4
 
-    `source` names the data in error messages (this machine's path, for the person at it); `name`
-    is what the summary records, and skipped files are recorded relative to `root`."""
+
+def _decode_in_order(items, size: int, tfms, workers: int):
+    """`_decode` of each item, in item order, in threads (Pillow releases the GIL while decoding),
+    with at most `DECODE_WINDOW_PER_WORKER` x `workers` results waiting to be consumed."""
+    from collections import deque
+    window = DECODE_WINDOW_PER_WORKER * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for path, _, _ in items:
+            pending.append(pool.submit(_decode, path, size, tfms))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _decode_into(out: torch.Tensor, items, size: int, root: Path, workers: int, progress: bool) -> Decoded:
+    """Decode every item into `out` (uint8 (len(items), 3, S, S): memory, or the disk cache's map),
+    the readable ones packed from slot 0 on, each written as soon as it is decoded."""
+    tfms = item_transforms(size)
+    labels, valid, skipped, sizes = [], [], [], []
+    results = _decode_in_order(items, size, tfms, workers)
+    if progress:
+        from fastprogress.fastprogress import progress_bar
+        results = progress_bar(results, total=len(items), comment="decoding images")
+    for (path, label, is_valid), (x, wh, err) in zip(items, results):
+        if err is not None:
+            skipped.append((Path(path).relative_to(root).as_posix(), err))
+            continue
+        out[len(labels)].copy_(x.as_subclass(torch.Tensor))
+        labels.append(label)
+        valid.append(is_valid)
+        sizes.append(wh)
+    return Decoded(out[:len(labels)], labels, valid, skipped, sizes)
+
+
+def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct: float = 0.2, seed: int = 42,
+                 workers: int | None = None, progress: bool = True, cache_dir: Path | str | None = None) -> ImageCache:
+    """Decode and resize every file once, then split the readable ones of an unsplit folder (items
+    whose is_valid is None).
+
+    `cache_dir`: keep the decoded images in a memory-mapped cache there (`train.cache`), reused by
+    later runs while the files stay the same; None decodes into memory. `source` names the data in
+    error messages (this machine's path, for the person at it); `name` is what the summary records,
+    and skipped files are recorded relative to `root`."""
     if not items:
         raise DataError(f"no images found in {source} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.bmp', '.tif'}))}, any case)")
-    tfms = item_transforms(size)
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
-    images, labels, valid, skipped, sizes = [], [], [], [], []
-    from fastprogress.fastprogress import progress_bar
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda it: _decode(it[0], size, tfms), items, chunksize=32)
-        if progress:
-            results = progress_bar(results, total=len(items), comment="decoding images")
-        for (path, label, is_valid), (x, wh, err) in zip(items, results):
-            if err is not None:
-                skipped.append((path, err))
-                continue
-            images.append(x)
-            labels.append(label)
-            valid.append(is_valid)
-            sizes.append(wh)
-    for f, reason in skipped:
-        log.warning("skipping %s: %s", f, reason)
+    root = Path(root)
+
+    def fill(out):
+        return _decode_into(out, items, size, root, workers, progress)
+
+    if cache_dir is None:
+        # One allocation, filled in place: no list of tensors and no stack (which held it all twice).
+        decoded = fill(torch.empty((len(items), 3, size, size), dtype=torch.uint8))
+    else:
+        try:
+            decoded = load_or_build(Path(cache_dir), items, root, size, name, fill)
+        except CacheError as e:
+            raise DataError(str(e)) from None
+    for f, reason in decoded.skipped:
+        log.warning("skipping %s: %s", root / f, reason)
+    valid = decoded.valid
     if None in valid:  # not split already
-        valid = split_readable(labels, valid_pct, seed)
-    skipped = [(Path(f).relative_to(root).as_posix(), reason) for f, reason in skipped]
-    return _build_cache(torch.stack(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8),
-                        labels, valid, source, name, skipped, sizes)
+        valid = split_readable(decoded.labels, valid_pct, seed)
+    return _build_cache(decoded.images, decoded.labels, valid, source, name, decoded.skipped, decoded.sizes)
 
 
 def _build_cache(images, labels, valid, source, name, skipped, sizes) -> ImageCache:
@@ -228,8 +281,10 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
 
 
 def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mnist_dir=None,
-              progress: bool = True, workers: int | None = None) -> ImageCache:
-    """Resolve `source` ('mnist' or a folder) into a validated, decoded `ImageCache`."""
+              progress: bool = True, workers: int | None = None, cache_dir: Path | str | None = None) -> ImageCache:
+    """Resolve `source` ('mnist' or a folder) into a validated, decoded `ImageCache`.
+    `cache_dir`: see `decode_items`. MNIST's IDX files are read into memory whatever it says: reading
+    them takes about a second and they are 165 MB as RGB, so a disk cache would save nothing."""
     if source == "mnist":
         found = find_mnist(mnist_dir)
         if isinstance(found, MnistArrays):
@@ -237,10 +292,12 @@ def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mn
         root = found
         items = [(f, f.parent.name, split == "testing") for split in ("training", "testing")
                  for f in sorted((root / split).rglob("*")) if f.is_file() and is_image_file(f)]
-        return decode_items(items, size, f"MNIST folder {root}", root, "mnist", workers=workers, progress=progress)
+        return decode_items(items, size, f"MNIST folder {root}", root, "mnist", workers=workers, progress=progress,
+                            cache_dir=cache_dir)
     root = Path(source).expanduser()
     items = find_items(root)
-    return decode_items(items, size, str(source), root, root.resolve().name, valid_pct, seed, workers, progress)
+    return decode_items(items, size, str(source), root, root.resolve().name, valid_pct, seed, workers, progress,
+                        cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------- batches
