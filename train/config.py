@@ -25,12 +25,12 @@ MNIST_ONE_EPOCH = dict(lr=0.01, bs=128, augment=False)
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
 # Fields holding a path of this machine: resolved (absolute) in the config, their names only in metadata.json.
-PATH_FIELDS = ("source", "out", "init", "mnist_dir")
+PATH_FIELDS = ("source", "out", "init", "mnist_dir", "labels")
 # What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
 # schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
 # validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
 RESUME_FIXED = ("source", "out", "mnist_dir", "pretrained", "init", "size", "bs", "epochs", "valid_pct", "seed",
-                "augment", "flip")
+                "augment", "flip", "labels", "file_col", "label_col", "label_delim", "threshold")
 
 
 @dataclass
@@ -53,6 +53,12 @@ class TrainConfig:
     mnist_dir: str = ""              # a local MNIST copy; default $MNIST_DIR, else download
     quiet: bool = False              # no progress bars or per-epoch lines
     workers: int = 0                 # image-decoding threads; 0 = 2 x cores, at most 8
+    # Labels from a CSV (models/labels.py) instead of class folders, and multi-label training.
+    labels: str = ""                 # CSV of file,label rows; paths relative to the source folder or the CSV
+    file_col: str = ""               # its file column; "" tries file, fname, image
+    label_col: str = ""              # its label column; "" tries label, labels, tags
+    label_delim: str = " "           # between the labels of one cell: any cell with two makes it multi-label
+    threshold: float = 0.5           # multi-label: a class is predicted when its sigmoid is above this
 
     def resolve(self) -> "TrainConfig":
         """Fill the defaults that depend on the data source and on --pretrained."""
@@ -74,6 +80,7 @@ class TrainConfig:
         self.out = _absolute(self.out or Path(__file__).resolve().parents[1] / "models" / Path(self.source).name)
         self.init = self.init and _absolute(self.init)
         self.mnist_dir = self.mnist_dir and _absolute(self.mnist_dir)
+        self.labels = self.labels and _absolute(self.labels)
         return self
 
     def as_dict(self) -> dict:
@@ -117,6 +124,12 @@ def learning_rate(s: str) -> str:
     return s
 
 
+def label_delim(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("must be one or more characters, e.g. ' ' or ';'")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -127,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m train path/to/photos --epochs 5 --size 64 --out models/fashion\n"
                "  python -m train path/to/photos --pretrained --epochs 3 --out models/lotr\n"
                "  python -m train path/to/photos --init models/mnist --epochs 3\n"
-               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch",
+               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch\n"
+               "  python -m train path/to/images --labels labels.csv   # file,label rows; 'a b' cells: multi-label",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="'mnist', or a folder with one sub-folder per class (optionally inside "
                                   "train/ + valid/ or training/ + testing/)")
@@ -170,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding threads (default, or 0: 2 x cores, at most 8)")
+    csv_group = p.add_argument_group("labels from a CSV (fastai's ColReader conventions)")
+    csv_group.add_argument("--labels", default="", metavar="CSV",
+                           help="take files and labels from a CSV instead of class folders: a file column (a path "
+                                "relative to SOURCE, else to the CSV's folder) and a label column; an optional "
+                                "is_valid column (true/false) gives the split, else --valid-pct")
+    csv_group.add_argument("--file-col", default="", help="the CSV's file column (default: file, fname or image)")
+    csv_group.add_argument("--label-col", default="", help="the CSV's label column (default: label, labels or tags)")
+    csv_group.add_argument("--label-delim", type=label_delim, default=" ", metavar="SEP",
+                           help="separates several labels in one cell (default: a space); if any cell holds more "
+                                "than one, a multi-label model is trained (sigmoid per class, fastai's "
+                                "BCEWithLogitsLossFlat) and an empty cell means no labels. Class names with "
+                                "spaces: give another separator, e.g. ';'")
+    csv_group.add_argument("--threshold", type=fraction, default=0.5,
+                           help="multi-label: a class is predicted when its probability is above this (default "
+                                "0.5); the threshold with the best validation F1 is reported beside it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
     return p
 
