@@ -97,9 +97,11 @@ class TrainConfig:
     def resume_conflict(self, saved: dict, saved_lr_given: str | None = None) -> str | None:
         """Why this run cannot continue a checkpoint made with the config `saved` (both resolved), or None.
         `saved_lr_given` is the --lr that run was given ('auto', or a number), before lr_find replaced it."""
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key in RESUME_FIXED:
-            if saved.get(key) != getattr(self, key):
-                return (f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, this run has "
+            was = saved.get(key, defaults[key])  # a checkpoint from before a setting existed ran at its default
+            if was != getattr(self, key):
+                return (f"--resume: the checkpoint was made with {key}={was!r}, this run has "
                         f"{getattr(self, key)!r}; use the same settings, or start over without --resume")
         if self.lr and self.lr != saved_lr_given and not _same_rate(self.lr, saved["lr"]):
             return (f"--resume: the checkpoint was made with lr={saved['lr']!r}, this run has {self.lr!r}; omit --lr "
