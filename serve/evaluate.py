@@ -46,9 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models import labels as labels_csv
 from models.cli import positive_int, run_cli
-from models.labels import DEFAULT_DELIM, FILE_COLUMNS, LABEL_COLUMNS, LabelsError, split_labels
+from models.labels import DEFAULT_DELIM, FILE_COLUMNS, LABEL_COLUMNS, LabelsError, read_labels_csv as read_table, split_labels
 from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP
 
 __all__ = ["EvaluationError", "Labelled", "find_labelled", "read_labels_csv", "score_predictor", "score_tta",
@@ -122,7 +121,7 @@ def read_labels_csv(csv_path: Path, data: Path, file_col: str | None = None, lab
     """The images and labels of a labels CSV, read by `models.labels` (training's reader). For a
     multi-label model each label is a tuple of labels (an empty cell: none of them)."""
     try:
-        rows = labels_csv.read_labels_csv(csv_path, data, file_col, label_col, delim, multi_label=multi_label)
+        rows = read_table(csv_path, data, file_col, label_col, delim, multi_label=multi_label)
     except LabelsError as e:
         raise EvaluationError(str(e)) from None
     labels = [tuple(split_labels(c, delim)) for c in rows.labels] if multi_label else rows.labels

@@ -384,6 +384,7 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
     def one(pred):
         values = shown([pred])
         return values[0][0] if not multi else (values[0][0], values[1][0])
+
     _accept_batched_verdicts()
     prepared = _Prepared()
     examples = [str(p) for p in predictor.examples()]
