@@ -7,7 +7,7 @@ A model folder has the shape of a Hugging Face model repo, so it can be pushed a
 
     model.pkl               fastai learner (`learn.export`), loads with fastai's `load_learner` alone
     model.safetensors       the same network's weights, no pickle; rebuilt from metadata.json (models/weights.py)
-    model.onnx              the same network for onnxruntime, preprocessing and softmax inside (models/onnx.py)
+    model.onnx              the same network for onnxruntime, preprocessing and softmax (multi-label: sigmoid) inside
     metadata.json           `ModelMetadata`: classes, network, preprocessing, config, data, metrics, versions
     confusion_matrix.png    fastai's ClassificationInterpretation
     top_losses.png          the validation images the model got most wrong
@@ -35,7 +35,7 @@ __all__ = [
     "CARD_FILE", "ARCH", "ARCHS", "FORMATS", "FORMAT_FILES", "METADATA_VERSION", "ModelFolderError", "Head",
     "Normalization", "Metrics", "ModelMetadata", "Preprocessing", "ModelFolder", "item_transforms",
     "batch_transforms", "library_versions", "load_model_folder", "read_metadata", "write_metadata",
-    "inference_dataloaders",
+    "inference_dataloaders", "DEFAULT_THRESHOLD",
 ]
 
 MODEL_FILE = "model.pkl"
@@ -98,7 +98,11 @@ class Metrics:
     valid_accuracy: float
     n_valid: int
     per_class_accuracy: dict[str, float | None]
-    confusion_matrix: list[list[int]]  # rows: actual class, columns: predicted, in `classes` order
+    confusion_matrix: list[list[int]]  # rows: actual class, columns: predicted, in `classes` order (multi-label: [])
+    # multi-label only (absent from a single-label metadata.json): valid_accuracy is fastai's
+    # accuracy_multi at the threshold, per_class_accuracy each label's, and these are macro F1s
+    f1: float | None = None            # at `ModelMetadata.threshold`
+    best_f1: float | None = None       # at `ModelMetadata.best_f1_threshold`
 
 
 @dataclass(frozen=True)
@@ -129,14 +133,35 @@ class ModelMetadata:
     created: str | None = None  # ISO 8601, UTC
     examples: list[str] = field(default_factory=list)  # paths relative to the folder
     task: str = "image-classification"
+    # multi-label only (activation "sigmoid"; absent from a single-label metadata.json, so that code
+    # from before multi-label still reads those): a class is predicted when its probability is above
+    # `threshold` (None: 0.5); `best_f1_threshold` is the one that maximised validation F1
+    threshold: float | None = None
+    best_f1_threshold: float | None = None
     metadata_version: int = METADATA_VERSION
 
     @property
     def preprocessing(self) -> "Preprocessing":
         return Preprocessing(self.image_size, self.resize_method, tuple(self.normalize.mean), tuple(self.normalize.std))
 
+    @property
+    def multi_label(self) -> bool:
+        """Independent yes/no per class (sigmoid), rather than one class of many (softmax)."""
+        return self.activation == "sigmoid"
+
+    @property
+    def decision_threshold(self) -> float:
+        """The probability above which a multi-label model predicts a class."""
+        return DEFAULT_THRESHOLD if self.threshold is None else self.threshold
+
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        for key in _ABSENT_IF_NONE:  # written only where they mean something (multi-label)
+            if d[key] is None:
+                del d[key]
+        for key in _METRICS_ABSENT_IF_NONE:
+            if d["metrics"][key] is None:
+                del d["metrics"][key]
         return {"metadata_version": d.pop("metadata_version"), **d}
 
     def to_json(self) -> str:
@@ -181,6 +206,10 @@ class ModelMetadata:
             raise _SchemaError(f"arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if self.activation not in ACTIVATIONS:
             raise _SchemaError(f"activation {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
+        for name in _ABSENT_IF_NONE:
+            t = getattr(self, name)
+            if t is not None and not (self.multi_label and 0 < t < 1):
+                raise _SchemaError(f"{name} {t} is only for a multi-label (sigmoid) model, strictly between 0 and 1")
         if self.resize_method not in RESIZE_METHODS:
             raise _SchemaError(f"resize_method {self.resize_method!r} is not one of {', '.join(RESIZE_METHODS)}")
         if not 1 <= self.image_size <= 4096:
@@ -194,6 +223,11 @@ class ModelMetadata:
 
 class _SchemaError(ValueError):
     pass
+
+
+DEFAULT_THRESHOLD = 0.5  # fastai's accuracy_multi and BCEWithLogitsLossFlat default
+_ABSENT_IF_NONE = ("threshold", "best_f1_threshold")
+_METRICS_ABSENT_IF_NONE = ("f1", "best_f1")
 
 
 def _json_kind(v) -> str:
@@ -434,7 +468,7 @@ def load_model_folder(folder, format: str = "pickle", threads: int | None = None
     return ModelFolder(folder, meta, format, learn.model, learn)
 
 
-def inference_dataloaders(classes, size: int, mean, std, sample):
+def inference_dataloaders(classes, size: int, mean, std, sample, multi_label: bool = False):
     """The DataLoaders an exported learner carries: a path, bytes, an array or a PIL image in
     (through fastai's own `PILImage`, so the pickle needs nothing of this project), the same item
     and batch transforms as training, class names out. Our own code decodes with `models.imageio`
@@ -442,11 +476,14 @@ def inference_dataloaders(classes, size: int, mean, std, sample):
     `learn.predict` and `learn.dls.test_dl` use.
 
     fastai needs one real item to learn the pipeline's types (`learn.export` then keeps only the
-    transforms): `sample` is one (PIL image, class name) pair."""
+    transforms): `sample` is one (PIL image, class name) pair, (PIL image, list of class names) for
+    a multi-label model, whose targets are fastai's `MultiCategoryBlock`'s (MultiCategorize, OneHotEncode)."""
     from fastai.data.core import Datasets
-    from fastai.data.transforms import Categorize, ItemGetter
+    from fastai.data.transforms import Categorize, ItemGetter, MultiCategorize, OneHotEncode
     from fastai.vision.core import PILImage
-    dsets = Datasets([sample], tfms=[[ItemGetter(0), PILImage.create], [ItemGetter(1), Categorize(vocab=list(classes))]],
+    targets = ([MultiCategorize(vocab=list(classes)), OneHotEncode(len(classes))] if multi_label
+               else [Categorize(vocab=list(classes))])
+    dsets = Datasets([sample], tfms=[[ItemGetter(0), PILImage.create], [ItemGetter(1), *targets]],
                      splits=([0], [0]))
     return dsets.dataloaders(bs=64, after_item=item_transforms(size), after_batch=batch_transforms(mean, std),
                              num_workers=0, device="cpu")

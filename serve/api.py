@@ -2,7 +2,8 @@
 
     POST /v1/predict?top_k=3   multipart/form-data, one or more images under the field `files`
         200 -> [{"label": "7", "confidences": [{"label": "7", "confidence": 0.98}, ...]}, ...]
-               one object per file, in the order sent
+               one object per file, in the order sent; a multi-label model answers
+               {"labels": [every class above its threshold], "confidences": [every class, most likely first]}
         4xx -> {"error": "a reason fit for a person", "file": "name.png" (when one file is to blame)}
     GET  /v1/health            model name, classes, device, limits
 
@@ -350,7 +351,8 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
         return {"status": "ok", "name": predictor.name, "classes": predictor.classes, "device": str(predictor.device),
                 "arch": meta.arch, "image_size": meta.image_size, "format": predictor.format,
                 "valid_accuracy": meta.metrics.valid_accuracy, "created": meta.created,
-                "default_top_k": predictor.default_top_k, "limits": limits.as_dict(),
+                "default_top_k": predictor.default_top_k, "multi_label": predictor.multi_label,
+                "threshold": predictor.threshold, "limits": limits.as_dict(),
                 "uptime_s": round(time.time() - started, 1),
                 "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest,
                 "inflight_mb": round(budget.held / 1e6, 3), "peak_inflight_mb": round(budget.peak / 1e6, 3)}

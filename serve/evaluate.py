@@ -28,6 +28,11 @@ with one plain pass (fastai's `beta` 0.25); the report says so.
 `--out DIR` writes `evaluation.json` (the `--json` object), `predictions.csv` (every image),
 `misclassified.csv` (worst first, by the cross-entropy of the true class) and
 `confusion_matrix.png`; a rerun replaces those four files and touches nothing else there.
+
+A multi-label model (sigmoid, trained from a CSV with several labels per cell) is scored at its
+threshold: fastai's `accuracy_multi`, the exact-match share, and per class precision, recall and F1
+(macro F1 as fastai's `F1ScoreMulti`); a "misclassified" image is one whose predicted set is not
+its true set, ranked by binary cross-entropy; there is no confusion matrix.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from models.cli import positive_int, run_cli
+from models.labels import DEFAULT_DELIM, FILE_COLUMNS, LABEL_COLUMNS, LabelsError, read_labels_csv as read_table, split_labels
 from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP
 
 __all__ = ["EvaluationError", "Labelled", "find_labelled", "read_labels_csv", "score_predictor", "score_tta",
@@ -56,9 +62,6 @@ SHOWN_WORST = 10   # misclassified files printed in the text report (all of them
 JSON_WORST = 20    # ... and listed in the JSON object
 LOSS_FLOOR = float(np.finfo(np.float32).tiny)  # probabilities are float32: -log of this (~87.3) caps a loss
 SPLIT_FOLDERS = (("train", "valid"), ("training", "testing"))  # the layouts training recognises
-FILE_COLUMNS = ("file", "fname", "image")
-LABEL_COLUMNS = ("label", "labels", "tags")
-MISSING_SHOWN = 5  # missing files named one by one; the rest are counted
 
 
 class EvaluationError(ValueError):
@@ -69,7 +72,7 @@ class EvaluationError(ValueError):
 class Labelled:
     """The images to evaluate and what was found on the way."""
     files: list[Path]
-    labels: list[str]
+    labels: list                                  # class names; for a multi-label model, tuples of them
     source: str                                   # a phrase for the report: where the images came from
     missing: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), left out
 
@@ -113,56 +116,20 @@ def find_labelled(data: Path, split: str | None = None) -> Labelled:
     return Labelled([f for f, _ in items], [c for _, c in items], source)
 
 
-def _pick_column(header: list[str], given: str | None, defaults: tuple[str, ...], what: str, csv_path: Path) -> str:
-    wanted = (given,) if given else defaults
-    by_lower = {h.strip().lower(): h for h in header}
-    for name in wanted:
-        if name.lower() in by_lower:
-            return by_lower[name.lower()]
-    raise EvaluationError(f"{csv_path} has no {what} column (looked for {', '.join(wanted)}; it has "
-                          f"{', '.join(h for h in header if h) or 'none'}): name it with --{what}-col")
-
-
-def read_labels_csv(csv_path: Path, data: Path, file_col: str | None = None, label_col: str | None = None) -> Labelled:
-    """Rows of a labels CSV (fastai's `ColReader` conventions: a file column and a label column).
-    A relative path is looked up under `data`, then beside the CSV. Files that do not exist are
-    listed in `missing` and left out, as training leaves broken images out."""
-    csv_path, data = Path(csv_path).expanduser(), Path(data).expanduser()
-    if not csv_path.is_file():
-        raise EvaluationError(f"--labels {csv_path}: no such file")
+def read_labels_csv(csv_path: Path, data: Path, file_col: str | None = None, label_col: str | None = None,
+                    delim: str = DEFAULT_DELIM, multi_label: bool = False) -> Labelled:
+    """The images and labels of a labels CSV, read by `models.labels` (training's reader). For a
+    multi-label model each label is a tuple of labels (an empty cell: none of them)."""
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's byte-order mark
-            rows = list(csv.reader(fh))
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise EvaluationError(f"{csv_path} is not a readable CSV file: {e}") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if len(rows) < 2:
-        raise EvaluationError(f"{csv_path} is empty: it needs a header row and one row per image")
-    header = rows[0]
-    fcol, lcol = (header.index(_pick_column(header, file_col, FILE_COLUMNS, "file", csv_path)),
-                  header.index(_pick_column(header, label_col, LABEL_COLUMNS, "label", csv_path)))
-    files, labels, missing = [], [], []
-    for n, row in enumerate(rows[1:], start=2):
-        name = row[fcol].strip() if fcol < len(row) else ""
-        label = row[lcol].strip() if lcol < len(row) else ""
-        if not name or not label:
-            missing.append((f"{csv_path}:{n}", f"row {n} has no {'file' if not name else 'label'}"))
-            continue
-        path = Path(name).expanduser()
-        if not path.is_absolute():
-            path = next((p for p in (data / path, csv_path.parent / path) if p.is_file()), data / path)
-        if not path.is_file():
-            missing.append((name, f"no such file (looked in {data} and {csv_path.parent})"))
-            continue
-        files.append(path)
-        labels.append(label)
-    if not files:
-        raise EvaluationError(f"none of the {len(rows) - 1} rows of {csv_path} names an existing file")
-    return Labelled(files, labels, f"{csv_path} ({len(files)} rows)", missing)
+        rows = read_table(csv_path, data, file_col, label_col, delim, multi_label=multi_label)
+    except LabelsError as e:
+        raise EvaluationError(str(e)) from None
+    labels = [tuple(split_labels(c, delim)) for c in rows.labels] if multi_label else rows.labels
+    return Labelled(rows.files, labels, f"{rows.source} ({len(rows.files)} rows)", rows.missing)
 
 
-def check_classes(labels: list[str], classes: list[str]) -> None:
-    unknown = sorted(set(labels) - set(classes))
+def check_classes(labels: list, classes: list[str], multi_label: bool = False) -> None:
+    unknown = sorted(set().union(*map(set, labels)) - set(classes) if multi_label else set(labels) - set(classes))
     if unknown:
         shown = ", ".join(repr(c) for c in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
         raise EvaluationError(f"the data has classes the model does not know: {shown} (the model knows "
@@ -280,6 +247,43 @@ def summarize(probs: np.ndarray, y_true: np.ndarray, classes: list[str], files: 
     return out
 
 
+def summarize_multi_label(probs: np.ndarray, truth: np.ndarray, classes: list[str], files: list[str],
+                          threshold: float) -> dict:
+    """The report of a multi-label model from its probabilities (n, n_classes) and the true
+    multi-hot rows (n, n_classes): a class is predicted when its probability is above `threshold`
+    (as the server says). `accuracy` is fastai's `accuracy_multi` (the share of right yes/no
+    answers, over every image and class), `exact_match` the share of images whose whole set is
+    right, and per class precision, recall, F1 and support (images carrying it) as scikit-learn's
+    `classification_report` on multi-label data (its macro F1 is fastai's `F1ScoreMulti`'s)."""
+    truth = truth.astype(bool)
+    predicted = probs > threshold
+    p = np.clip(probs, LOSS_FLOOR, 1 - np.finfo(np.float32).eps)
+    losses = -(truth * np.log(p) + (~truth) * np.log1p(-p)).mean(1)  # binary cross-entropy per image
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp, said, support = int((predicted[:, i] & truth[:, i]).sum()), int(predicted[:, i].sum()), int(truth[:, i].sum())
+        prec = tp / said if said else 0.0
+        rec = tp / support if support else 0.0
+        per_class[c] = {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+                        "support": support}
+    keys = ("precision", "recall", "f1")
+    total = sum(v["support"] for v in per_class.values())
+    macro = {k: float(np.mean([v[k] for v in per_class.values()])) for k in keys} | {"support": total}
+    weighted = {k: (sum(v[k] * v["support"] for v in per_class.values()) / total if total else 0.0) for k in keys} | {"support": total}
+    exact = (predicted == truth).all(1)
+
+    def names(row) -> str:
+        return ";".join(c for c, on in zip(classes, row) if on)
+
+    rows = [{"file": f, "label": names(truth[i]), "predicted": names(predicted[i]),
+             "confidence": float(probs[i][predicted[i]].min()) if predicted[i].any() else float(probs[i].max()),
+             "loss": float(losses[i]), "correct": bool(exact[i])} for i, f in enumerate(files)]
+    return {"n_images": int(len(truth)), "multi_label": True, "threshold": threshold,
+            "accuracy": float((predicted == truth).mean()), "exact_match": float(exact.mean()),
+            "f1": macro["f1"], "loss": float(losses.mean()), "per_class": per_class, "macro_avg": macro,
+            "weighted_avg": weighted, "predictions": rows}
+
+
 # --------------------------------------------------------------------------- output
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
@@ -320,9 +324,10 @@ def write_outputs(out: Path, report: dict, predictions: list[dict], worst: list[
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "predictions.csv", predictions)
     _write_csv(out / "misclassified.csv", worst)
-    cm = report["confusion_matrix"]
+    cm = report.get("confusion_matrix")  # none for a multi-label model: a class is not confused with one other
     title = f"{report['model']}: accuracy {report['accuracy']:.2%} on {report['n_images']} images" + (" (TTA)" if report["tta"] else "")
-    plot_confusion(np.array(cm["matrix"]), cm["classes"], out / "confusion_matrix.png", title)
+    if cm is not None:
+        plot_confusion(np.array(cm["matrix"]), cm["classes"], out / "confusion_matrix.png", title)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
@@ -330,7 +335,9 @@ def format_text(report: dict, worst: list[dict]) -> str:
     lines = [f"model {report['model']} on {report['n_images']} images from {report['data']}"
              + (f", {report['n_skipped']} skipped" if report["n_skipped"] else ""),
              f"scored by {report['scored_by']}",
-             f"accuracy {report['accuracy']:.4f}" + (f"  top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else "")
+             (f"multi-label at threshold {report['threshold']:g}: accuracy_multi {report['accuracy']:.4f}  "
+              f"exact match {report['exact_match']:.4f}  macro F1 {report['f1']:.4f}" if report.get("multi_label")
+              else f"accuracy {report['accuracy']:.4f}" + (f"  top-5 {report['top5_accuracy']:.4f}" if "top5_accuracy" in report else ""))
              + f"  mean loss {report['loss']:.4f}", ""]
     names = list(report["per_class"]) + ["macro avg", "weighted avg"]
     w = max(len("class"), *map(len, names))
@@ -341,13 +348,15 @@ def format_text(report: dict, worst: list[dict]) -> str:
             lines.append("")
         lines.append(f"{name:<{w}}  {v['precision']:>9.4f}  {v['recall']:>6.4f}  {v['f1']:>6.4f}  {v['support']:>7}")
     lines.append("")
-    lines.append(f"misclassified: {len(worst)}" + (", worst first (cross-entropy of the true class):" if worst else ""))
+    loss = "binary cross-entropy" if report.get("multi_label") else "cross-entropy of the true class"
+    lines.append(f"misclassified: {len(worst)}" + (f", worst first ({loss}):" if worst else ""))
     for r in worst[:SHOWN_WORST]:
         lines.append(f"  {r['loss']:8.3f}  {r['file']}  {r['label']} -> {r['predicted']} ({r['confidence']:.3f})")
     if len(worst) > SHOWN_WORST:
         lines.append(f"  ... {len(worst) - SHOWN_WORST} more" + (" in misclassified.csv" if report.get("out") else " (--out DIR lists them all)"))
     if report.get("out"):
-        lines.append(f"wrote {report['out']}/: evaluation.json, predictions.csv, misclassified.csv, confusion_matrix.png")
+        lines.append(f"wrote {report['out']}/: evaluation.json, predictions.csv, misclassified.csv"
+                     + ("" if report.get("multi_label") else ", confusion_matrix.png"))
     return "\n".join(lines)
 
 
@@ -369,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "paths relative to DATA, else to the CSV's folder")
     p.add_argument("--file-col", default=None, help="the CSV's file column, if not one of the defaults")
     p.add_argument("--label-col", default=None, help="the CSV's label column, if not one of the defaults")
+    p.add_argument("--label-delim", default=None, metavar="SEP",
+                   help="a multi-label model: what separates the labels of one cell (default: what the model "
+                        "was trained with, else a space)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write evaluation.json, predictions.csv, misclassified.csv and confusion_matrix.png here")
     p.add_argument("--json", action="store_true", help="print one JSON object (the report) instead of text")
@@ -388,16 +400,20 @@ def evaluate(args) -> dict:
     """The whole job; returns the report (also written to --out)."""
     from serve.source import resolve_folder
     folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format)
+    from models.contract import read_metadata
+    meta = read_metadata(folder)  # before loading a pickle: a foreign folder fails fast
+    multi = meta.multi_label
     if args.labels is not None:
         if args.split:
             raise EvaluationError("--split and --labels do not go together: the CSV names the files")
-        data = read_labels_csv(args.labels, args.data, args.file_col, args.label_col)
+        delim = args.label_delim or meta.config.get("label_delim") or DEFAULT_DELIM  # as the model was trained
+        data = read_labels_csv(args.labels, args.data, args.file_col, args.label_col, delim, multi_label=multi)
     else:
         data = find_labelled(args.data, args.split)
-    from models.contract import read_metadata
-    meta = read_metadata(folder)  # before loading a pickle: a foreign folder fails fast
+        if multi:  # a class folder: the one label of each of its images
+            data.labels = [(c,) for c in data.labels]
     classes = list(meta.classes)
-    check_classes(data.labels, classes)
+    check_classes(data.labels, classes, multi)
     if args.tta:
         probs, kept, bad = score_tta(folder, data.files, args.device, args.batch_size)
         scored_by = f"fastai's learn.tta (n={TTA_PASSES}, default aug_transforms, beta 0.25)"
@@ -415,8 +431,14 @@ def evaluate(args) -> dict:
         raise EvaluationError(f"no readable images in {data.source} ({len(skipped)} skipped)")
     index = {c: i for i, c in enumerate(classes)}
     files = [str(data.files[i]) for i in kept]
-    y_true = np.array([index[data.labels[i]] for i in kept], dtype=np.int64)
-    numbers = summarize(probs, y_true, classes, files)
+    if multi:
+        truth = np.zeros((len(kept), len(classes)), dtype=bool)
+        for row, i in enumerate(kept):
+            truth[row, [index[c] for c in data.labels[i]]] = True
+        numbers = summarize_multi_label(probs, truth, classes, files, meta.decision_threshold)
+    else:
+        y_true = np.array([index[data.labels[i]] for i in kept], dtype=np.int64)
+        numbers = summarize(probs, y_true, classes, files)
     predictions = numbers.pop("predictions")
     worst = sorted((r for r in predictions if not r["correct"]), key=lambda r: -r["loss"])
     report = {"model": meta.name, "model_folder": str(folder), "data": data.source,
@@ -441,7 +463,7 @@ def main(argv=None) -> int:
         evaluate(args)
         return 0
 
-    return run_cli(body, (ModelFolderError, EvaluationError, OSError))
+    return run_cli(body, (ModelFolderError, EvaluationError, OSError))  # LabelsError arrives as EvaluationError
 
 
 if __name__ == "__main__":

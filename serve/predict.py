@@ -3,7 +3,8 @@
     python -m serve.predict models/mnist img1.png photos/ --top-k 3 --json
     python -m serve.predict models/mnist photos/ --csv out.csv
 
-One line per image on stdout, in the order given (folders are walked recursively, sorted; only
+One line per image on stdout, in the order given (a multi-label model: `"labels"`, every class above
+its threshold, where a single-label one has `"label"`) (folders are walked recursively, sorted; only
 files with an image extension are taken from a folder, but a file named on the command line is
 always tried). A file that cannot be classified gets an `error: ...` line on stderr and the run
 carries on; the exit status is then 1. A model that cannot be loaded exits with 2.
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serve.predict", description=__doc__.split("\n")[0])
     p.add_argument("model", help="model folder written by `python -m train` (or hf://owner/name[@revision])")
     p.add_argument("paths", nargs="+", help="image files and folders")
-    p.add_argument("--top-k", type=positive_int, default=None, help="classes per image (default 3, or fewer if the model has fewer)")
+    p.add_argument("--top-k", type=positive_int, default=None,
+                   help="classes per image (default 3, or fewer if the model has fewer; a multi-label model: all, "
+                        "and its labels above the threshold whatever --top-k says)")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     p.add_argument("--csv", type=Path, default=None, metavar="OUT.csv", help="also write the results to a CSV file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -84,8 +87,15 @@ def expand_paths(paths, errors: list[tuple[str, str]]) -> Iterator[str]:
             errors.append((given, "no such file or folder"))
 
 
+LABELS_SEP = ";"  # between the labels of a multi-label prediction, in the text and CSV outputs
+
+
 def format_text(file: str, pred) -> str:
+    """FILE<tab>LABEL<tab>top classes; a multi-label model's second column is every label above its
+    threshold, joined by `LABELS_SEP` ("-" for none)."""
     top = "  ".join(f"{label} {conf:.4f}" for label, conf in pred.confidences)
+    if pred.labels is not None:
+        return f"{file}\t{LABELS_SEP.join(pred.labels) or '-'}\t{top}"
     return f"{file}\t{pred.label}\t{top}"
 
 
@@ -102,8 +112,9 @@ def classify_files(predictor, paths, top_k=None, as_json=False, csv_path=None, b
     n_ok = n_bad = 0
     csv_file = open(csv_path, "w", newline="") if csv_path else None
     writer = csv.writer(csv_file) if csv_file else None
-    if writer:
-        writer.writerow(["file", "label", "confidence", "top_k", "error"])
+    multi = getattr(predictor, "multi_label", False)
+    if writer:  # a multi-label model: the labels above the threshold, and every class's confidence
+        writer.writerow(["file", "labels", "confidences", "error"] if multi else ["file", "label", "confidence", "top_k", "error"])
     try:
         files = expand_paths(paths, errors)
         for file, result in predictor.predict_many(files, top_k=top_k, batch_size=batch_size, workers=1,
@@ -112,14 +123,17 @@ def classify_files(predictor, paths, top_k=None, as_json=False, csv_path=None, b
                 n_bad += 1
                 print(f"error: {file}: {result}", file=err, flush=True)
                 if writer:
-                    writer.writerow([file, "", "", "", str(result)])
+                    writer.writerow([file, "", "", str(result)] if multi else [file, "", "", "", str(result)])
                 continue
             n_ok += 1
             if as_json:
                 out.write(json.dumps({"file": file, **result.as_dict()}) + "\n")
             else:
                 out.write(format_text(file, result) + "\n")
-            if writer:
+            if writer and multi:
+                writer.writerow([file, LABELS_SEP.join(result.labels),
+                                 "; ".join(f"{c} {p:.6f}" for c, p in result.confidences), ""])
+            elif writer:
                 writer.writerow([file, result.label, f"{result.confidences[0][1]:.6f}",
                                  "; ".join(f"{c} {p:.6f}" for c, p in result.confidences), ""])
     finally:

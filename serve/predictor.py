@@ -7,7 +7,8 @@
     network  one small interface, `probabilities(uint8 (N, 3, S, S)) -> float32 (N, classes)`:
              `TorchNetwork` (the learner's network from model.pkl, or the one rebuilt from
              model.safetensors: normalisation, forward pass, activation) or onnxruntime's
-             `models.onnx.OnnxClassifier` (normalisation and softmax inside the graph)
+             `models.onnx.OnnxClassifier` (normalisation and softmax inside the graph); a multi-label
+             model's activation is a sigmoid in all three (metadata.json's `activation`)
 
 Nothing here re-types a size, a mean or a class list: all of it is read from metadata.json through
 `ModelMetadata.preprocessing`, the statistics the exported learner carries too (a test holds the two
@@ -18,6 +19,7 @@ DataLoader per call.
     from serve.predictor import Predictor
     p = Predictor.load("models/mnist")                          # or format="safetensors" / "onnx"
     p.predict("digit.png").as_dict()   # {"label": "7", "confidences": [{"label": "7", "confidence": 0.99}, ...]}
+    # a multi-label model (sigmoid): {"labels": ["even", "big"], "confidences": [every class, most likely first]}
 """
 from __future__ import annotations
 
@@ -48,17 +50,26 @@ DECODE_AHEAD = 2   # batches decoded ahead of the one in the model (predict_many
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k classes of one image, most likely first."""
+    """The top-k classes of one image, most likely first; for a multi-label model also `labels`,
+    every class above the model's threshold (maybe none), most likely first."""
     label: str
     confidences: tuple[tuple[str, float], ...]
+    labels: tuple[str, ...] | None = None  # None: a single-label model
 
     def as_dict(self) -> dict:
-        """The JSON shape of the HTTP API and the CLI."""
-        return {"label": self.label,
-                "confidences": [{"label": c, "confidence": p} for c, p in self.confidences]}
+        """The JSON shape of the HTTP API and the CLI: {"label", "confidences"} for a single-label
+        model, {"labels", "confidences"} for a multi-label one."""
+        confidences = [{"label": c, "confidence": p} for c, p in self.confidences]
+        if self.labels is not None:
+            return {"labels": list(self.labels), "confidences": confidences}
+        return {"label": self.label, "confidences": confidences}
 
     def as_label(self) -> dict[str, float]:
-        """The value `gr.Label` takes: class name -> confidence."""
+        """The value `gr.Label` takes: class name -> confidence (multi-label: the classes above the
+        threshold only)."""
+        if self.labels is not None:
+            shown = set(self.labels)
+            return {c: p for c, p in self.confidences if c in shown}
         return dict(self.confidences)
 
 
@@ -127,10 +138,16 @@ class Predictor:
         meta = folder.metadata
         self.classes: list[str] = [str(c) for c in meta.classes]
         self.preprocessing = meta.preprocessing
+        self.multi_label: bool = meta.multi_label
+        self.threshold: float | None = meta.decision_threshold if meta.multi_label else None
         if isinstance(folder.model, torch.nn.Module):
             self.device = device if isinstance(device, torch.device) else pick_device(device)
             self.network = TorchNetwork(folder.model, self.preprocessing, meta.activation, self.device, optimize)
         else:  # onnxruntime, on the CPU whatever --device says
+            if getattr(folder.model, "multi_label", meta.multi_label) != meta.multi_label:
+                from models.contract import ModelFolderError
+                raise ModelFolderError(f"{folder.path}: model.onnx ends in a {'sigmoid' if folder.model.multi_label else 'softmax'} "
+                                       f"but metadata.json says {meta.activation}: re-export the model")
             self.device = torch.device("cpu")
             self.network = folder.model
         self._lock = threading.Lock()
@@ -160,7 +177,8 @@ class Predictor:
 
     @property
     def default_top_k(self) -> int:
-        return min(DEFAULT_TOP_K, len(self.classes))
+        """Classes listed per prediction: all of them for a multi-label model (each is its own yes/no)."""
+        return len(self.classes) if self.multi_label else min(DEFAULT_TOP_K, len(self.classes))
 
     def examples(self) -> list[Path]:
         return self.folder.examples()
@@ -186,13 +204,16 @@ class Predictor:
         return self.network.probabilities(x)
 
     def top_k(self, probs: torch.Tensor, k: int | None = None) -> list[Prediction]:
-        """Rows of probabilities -> one `Prediction` each, with the k most likely classes."""
+        """Rows of probabilities -> one `Prediction` each, with the k most likely classes (and, for a
+        multi-label model, `labels`: every class above the threshold, whatever k is)."""
         k = max(1, min(k or self.default_top_k, len(self.classes)))
-        values, indices = probs.topk(k, dim=-1)
+        values, indices = probs.topk(len(self.classes) if self.multi_label else k, dim=-1)
         out = []
         for vs, ix in zip(values.tolist(), indices.tolist()):
             conf = tuple((self.classes[i], float(v)) for v, i in zip(vs, ix))
-            out.append(Prediction(conf[0][0], conf))
+            # `>` as fastai's accuracy_multi and BCEWithLogitsLossFlat.decodes
+            labels = tuple(c for c, v in conf if v > self.threshold) if self.multi_label else None
+            out.append(Prediction(conf[0][0], conf[:k], labels))
         return out
 
     # ------------------------------------------------------------------ conveniences

@@ -1,5 +1,6 @@
 """The Gradio web UI: an image in (upload, paste, webcam; a sketch pad for digit models), the top
-classes out, the model folder's examples to click, and a description built from its metadata.
+classes out (a multi-label model: every class above its threshold, and a line naming them), the
+model folder's examples to click, and a description built from its metadata.
 
 `build_ui(predictor)` returns the Blocks; `serve.app` mounts it on the same FastAPI app as the
 HTTP API. Its endpoint `predict` (`gradio_client`: `client.predict(handle_file(p), api_name="/predict")`)
@@ -241,6 +242,13 @@ def _check_sketch_image(src, max_bytes: int | None) -> None:
         raise too_large
 
 
+def labels_line(pred, threshold: float) -> str:
+    """A multi-label prediction in words: every class above the threshold, or that there is none."""
+    if not pred.labels:
+        return f"No label above the threshold {threshold:g}."
+    return f"Labels above {threshold:g}: " + ", ".join(f"**{c}**" for c in pred.labels)
+
+
 def is_digit_model(classes) -> bool:
     return list(classes) == [str(i) for i in range(10)]
 
@@ -251,9 +259,17 @@ def describe(predictor: Predictor) -> str:
     classes = predictor.classes
     shown = ", ".join(f"`{c}`" for c in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     d = meta.data
-    lines = [f"## {meta.name}",
-             f"A {meta.arch} image classifier for {len(classes)} classes: {shown}.",
-             f"Validation accuracy **{meta.metrics.valid_accuracy:.1%}** on {meta.metrics.n_valid} held-out images."]
+    if predictor.multi_label:
+        m = meta.metrics
+        lines = [f"## {meta.name}",
+                 f"A {meta.arch} multi-label image classifier for {len(classes)} classes: {shown}. It shows every "
+                 f"class whose probability is above {predictor.threshold:g}.",
+                 f"Validation: accuracy_multi **{m.valid_accuracy:.1%}**"
+                 + (f", F1 **{m.f1:.3f}**" if m.f1 is not None else "") + f" on {m.n_valid} held-out images."]
+    else:
+        lines = [f"## {meta.name}",
+                 f"A {meta.arch} image classifier for {len(classes)} classes: {shown}.",
+                 f"Validation accuracy **{meta.metrics.valid_accuracy:.1%}** on {meta.metrics.n_valid} held-out images."]
     trained = f"Trained on {d['n_train']:,} images" if "n_train" in d else "Trained"
     if d.get("source"):  # the data set's name, not the trainer's local path
         trained += f" from `{Path(str(d['source'])).name or d['source']}`"
@@ -357,6 +373,18 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
     or /tmp/gradio); the inputs read nothing else but the model's examples. `max_file_bytes`
     bounds an image sent inline. `delete_cache` is Gradio's (every, age) in seconds."""
     k = max(1, min(top_k or predictor.default_top_k, len(predictor.classes)))
+    multi = predictor.multi_label  # a second output: the line naming every label above the threshold
+
+    def shown(preds):
+        """Per output, the values of a batch: the gr.Label's, and for a multi-label model the lines."""
+        if not multi:
+            return [[p.as_label() for p in preds]]
+        return [[p.as_label() for p in preds], [labels_line(p, predictor.threshold) for p in preds]]
+
+    def one(pred):
+        values = shown([pred])
+        return values[0][0] if not multi else (values[0][0], values[1][0])
+
     _accept_batched_verdicts()
     prepared = _Prepared()
     examples = [str(p) for p in predictor.examples()]
@@ -389,7 +417,7 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
     async def classify(images):
         """Top classes of each image (batched: the queued requests share one forward pass)."""
         if noop:
-            return [[{predictor.classes[0]: 1.0} for _ in images]]
+            return [[{predictor.classes[0]: 1.0} for _ in images]] + ([["" for _ in images]] if multi else [])
         tensors = [(prepared.pop(s) if isinstance(s, str) else None) for s in images]
         if any(t is None for t in tensors):  # only if the validator was bypassed (or its entry evicted)
             refused = next((s for s in images if s is None or isinstance(s, Refused)), False)
@@ -406,18 +434,18 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
             probs = await batcher.submit(tensors, max_wait_ms=0)
         else:
             probs = await asyncio.to_thread(predictor.probabilities, tensors)
-        return [[p.as_label() for p in predictor.top_k(probs, k)]]
+        return shown(predictor.top_k(probs, k))
 
     def classify_example(path):
         if path is None or isinstance(path, Refused):
             raise gr.Error(str(path) if path is not None else "no example picked", print_exception=False)
         try:
-            return predictor.predict(path, k).as_label()
+            return one(predictor.predict(path, k))
         except ImageError as e:
             raise gr.Error(f"cannot classify this example: {e}") from None
 
     def classify_sketch(value):
-        return predictor.predict(sketch_to_digit(value), k).as_label()
+        return one(predictor.predict(sketch_to_digit(value), k))
 
     digits = is_digit_model(predictor.classes)
     with gr.Blocks(title=f"{predictor.name}: image classifier", delete_cache=delete_cache) as demo:
@@ -436,14 +464,16 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
                                                              color_mode="fixed"))
                         sketch_button = gr.Button("Classify drawing", variant="primary", elem_id="classify-sketch")
             with gr.Column():
-                label = gr.Label(num_top_classes=k, label="Prediction", elem_id="prediction")
+                label = gr.Label(num_top_classes=k, label="Labels above the threshold" if multi else "Prediction",
+                                 elem_id="prediction")
+                outputs = [label, gr.Markdown(elem_id="labels")] if multi else label
         if examples:
-            gr.Examples(examples, inputs=image, outputs=label, fn=classify_example, run_on_click=True,
+            gr.Examples(examples, inputs=image, outputs=outputs, fn=classify_example, run_on_click=True,
                         cache_examples=False, examples_per_page=len(examples), label="Examples (click one)",
                         api_visibility="private")
-        gr.on([button.click, image.upload], classify, inputs=image, outputs=label, api_name="predict",
+        gr.on([button.click, image.upload], classify, inputs=image, outputs=outputs, api_name="predict",
               batch=True, max_batch_size=max_batch, validator=check, concurrency_limit=concurrency)
         if digits:
-            sketch_button.click(classify_sketch, inputs=sketch, outputs=label, api_visibility="private",
+            sketch_button.click(classify_sketch, inputs=sketch, outputs=outputs, api_visibility="private",
                                 concurrency_limit=2)
     return demo

@@ -98,10 +98,19 @@ def cache_key(items, root: Path, size: int) -> dict:
             stamp = [st.st_size, st.st_mtime_ns]
         except OSError:
             stamp = [-1, -1]  # gone since it was listed: decoding skips it, and the key says so
-        files.append([path.relative_to(root).as_posix(), *stamp, label, is_valid])
-    return {"format": FORMAT, "root": str(Path(root).resolve()), "size": size,
-            "item_transforms": [repr(t) for t in item_transforms(size)],  # the resize method, as fastai says it
-            "decoder": DECODER_VERSION, "pillow": PIL.__version__, "fastai": fastai.__version__, "files": files}
+        files.append([_key_name(path, root), *stamp, label, is_valid])
+    key = {"format": FORMAT, "root": str(Path(root).resolve()), "size": size,
+           "item_transforms": [repr(t) for t in item_transforms(size)],  # the resize method, as fastai says it
+           "decoder": DECODER_VERSION, "pillow": PIL.__version__, "fastai": fastai.__version__, "files": files}
+    # As key.json will read back (a multi-label item's tuple of labels becomes a list), so they compare equal.
+    return json.loads(json.dumps(key))
+
+
+def _key_name(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:  # a labels CSV may name files beside it, outside the data folder
+        return str(Path(path).resolve())
 
 
 def cache_folder(cache_root: Path, key: dict, name: str) -> Path:
@@ -132,7 +141,8 @@ def _read(folder: Path, key: dict) -> Decoded | None:
         return None
     classes = meta["classes"]
     return Decoded(images=torch.from_numpy(images)[:n],
-                   labels=[classes[i] for i in labels.tolist()],
+                   # a multi-label image's labels were a tuple, and JSON gave back a list
+                   labels=[tuple(c) if isinstance(c, list) else c for c in (classes[i] for i in labels.tolist())],
                    valid=[None if v < 0 else bool(v) for v in split.tolist()],
                    skipped=[(f, r) for f, r in meta["skipped"]],
                    sizes=[(w, h) for w, h in sizes.tolist()])
@@ -160,7 +170,7 @@ def _write(tmp: Path, key: dict, name: str, n_items: int, fill: Callable[[torch.
     n = len(d.labels)
     classes = sorted(set(d.labels))
     index = {c: i for i, c in enumerate(classes)}
-    # One class per image, so 1-D; labels of several classes per image would make this (n, n_classes) multi-hot.
+    # One index per image into `classes`; for a multi-label set a class is a tuple of labels (the image's set).
     np.save(tmp / "labels.npy", np.array([index[c] for c in d.labels], dtype=np.int64).reshape(n), allow_pickle=False)
     np.save(tmp / "split.npy", np.array([-1 if v is None else int(v) for v in d.valid], dtype=np.int8).reshape(n),
             allow_pickle=False)

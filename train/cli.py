@@ -22,7 +22,7 @@ def run(cfg) -> Path:
     from fastai.torch_core import set_seed
     from fastai.vision.core import imagenet_stats
     from train.data import build_dataloaders, load_data
-    from train.export import evaluate, export_model
+    from train.export import evaluate, evaluate_multi_label, export_model
     from train.learner import (TrainError, build_learner, find_lr, fit, load_checkpoint, pick_device,
                                plan_phases)
 
@@ -47,7 +47,9 @@ def run(cfg) -> Path:
     from train.cache import default_root
     cache = load_data(cfg.source, cfg.size, cfg.valid_pct, cfg.seed, cfg.mnist_dir or None,
                       progress=not cfg.quiet and sys.stderr.isatty(), workers=cfg.workers or None,
-                      cache_dir=(cfg.cache_dir or default_root()) if cfg.cache else None)
+                      cache_dir=(cfg.cache_dir or default_root()) if cfg.cache else None,
+                      labels_csv=cfg.labels or None, file_col=cfg.file_col or None, label_col=cfg.label_col or None,
+                      label_delim=cfg.label_delim)
     if not cfg.quiet:
         print(cache.summary.table(), flush=True)
     counts = {"train": cache.summary.train_counts, "valid": cache.summary.valid_counts}
@@ -66,7 +68,7 @@ def run(cfg) -> Path:
     else:
         mean, std = cache.stats()
     dls = build_dataloaders(cache, cfg.bs, mean, std, augment=cfg.augment, flip=cfg.flip, device=device)
-    learn = build_learner(dls, cfg, device, workdir=ckpt.parent)
+    learn = build_learner(dls, cfg, device, workdir=ckpt.parent, multi_label=cache.multi_label)
 
     if cfg.lr == "auto":
         lr = find_lr(learn, cfg.quiet)
@@ -84,12 +86,17 @@ def run(cfg) -> Path:
     fit_seconds, last_validation = fit(learn, plan_phases(cfg, lr), ckpt, state, quiet=cfg.quiet,
                       resume_from=resume_state["state"] if resume_state else None)
 
-    interp, metrics = evaluate(learn, outputs=last_validation)
+    if cache.multi_label:
+        interp, metrics = None, evaluate_multi_label(learn, cache.vocab, cfg.threshold, outputs=last_validation)
+    else:
+        interp, metrics = evaluate(learn, outputs=last_validation)
     metrics["_interp"] = interp
     out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device))
     shutil.rmtree(ckpt.parent, ignore_errors=True)  # the model folder is complete: the checkpoint is spent
     if not cfg.quiet:
-        print(f"valid accuracy {metrics['valid_accuracy']:.4f}  fit {fit_seconds:.0f} s  "
+        f1 = (f"  F1 {metrics['f1']:.4f} at threshold {cfg.threshold:g} (best {metrics['best_f1']:.4f} at "
+              f"{metrics['best_f1_threshold']:g})" if cache.multi_label else "")
+        print(f"valid accuracy {metrics['valid_accuracy']:.4f}{f1}  fit {fit_seconds:.0f} s  "
               f"total {time.perf_counter() - t_start:.0f} s  ->  {out}", flush=True)
     return out
 

@@ -25,12 +25,12 @@ MNIST_ONE_EPOCH = dict(lr=0.01, bs=128, augment=False)
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
 # Fields holding a path of this machine: resolved (absolute) in the config, their names only in metadata.json.
-PATH_FIELDS = ("source", "out", "init", "mnist_dir", "cache_dir")
+PATH_FIELDS = ("source", "out", "init", "mnist_dir", "cache_dir", "labels")
 # What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
 # schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
 # validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
 RESUME_FIXED = ("source", "out", "mnist_dir", "pretrained", "init", "size", "bs", "epochs", "valid_pct", "seed",
-                "augment", "flip")
+                "augment", "flip", "labels", "file_col", "label_col", "label_delim", "threshold")
 
 
 @dataclass
@@ -56,6 +56,12 @@ class TrainConfig:
     # The decode-once data cache (train/cache.py). Neither changes what a run computes, so --resume lets them differ.
     cache: bool = True               # keep decoded images in a memory-mapped cache on disk, reused while the files stay
     cache_dir: str = ""              # where; "" = $XDG_CACHE_HOME (else ~/.cache)/resnet18-train/datasets
+    # Labels from a CSV (models/labels.py) instead of class folders, and multi-label training.
+    labels: str = ""                 # CSV of file,label rows; paths relative to the source folder or the CSV
+    file_col: str = ""               # its file column; "" tries file, fname, image
+    label_col: str = ""              # its label column; "" tries label, labels, tags
+    label_delim: str = " "           # between the labels of one cell: any cell with two makes it multi-label
+    threshold: float = 0.5           # multi-label: a class is predicted when its sigmoid is above this
 
     def resolve(self) -> "TrainConfig":
         """Fill the defaults that depend on the data source and on --pretrained."""
@@ -78,6 +84,7 @@ class TrainConfig:
         self.init = self.init and _absolute(self.init)
         self.mnist_dir = self.mnist_dir and _absolute(self.mnist_dir)
         self.cache_dir = self.cache_dir and _absolute(self.cache_dir)
+        self.labels = self.labels and _absolute(self.labels)
         return self
 
     def as_dict(self) -> dict:
@@ -94,9 +101,11 @@ class TrainConfig:
     def resume_conflict(self, saved: dict, saved_lr_given: str | None = None) -> str | None:
         """Why this run cannot continue a checkpoint made with the config `saved` (both resolved), or None.
         `saved_lr_given` is the --lr that run was given ('auto', or a number), before lr_find replaced it."""
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
         for key in RESUME_FIXED:
-            if saved.get(key) != getattr(self, key):
-                return (f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, this run has "
+            was = saved.get(key, defaults[key])  # a checkpoint from before a setting existed ran at its default
+            if was != getattr(self, key):
+                return (f"--resume: the checkpoint was made with {key}={was!r}, this run has "
                         f"{getattr(self, key)!r}; use the same settings, or start over without --resume")
         if self.lr and self.lr != saved_lr_given and not _same_rate(self.lr, saved["lr"]):
             return (f"--resume: the checkpoint was made with lr={saved['lr']!r}, this run has {self.lr!r}; omit --lr "
@@ -121,6 +130,12 @@ def learning_rate(s: str) -> str:
     return s
 
 
+def label_delim(s: str) -> str:
+    if not s:
+        raise argparse.ArgumentTypeError("must be one or more characters, e.g. ' ' or ';'")
+    return s
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
@@ -131,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m train path/to/photos --epochs 5 --size 64 --out models/fashion\n"
                "  python -m train path/to/photos --pretrained --epochs 3 --out models/lotr\n"
                "  python -m train path/to/photos --init models/mnist --epochs 3\n"
-               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch",
+               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch\n"
+               "  python -m train path/to/images --labels labels.csv   # file,label rows; 'a b' cells: multi-label",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="'mnist', or a folder with one sub-folder per class (optionally inside "
                                   "train/ + valid/ or training/ + testing/)")
@@ -182,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "IDX files are never cached)")
     cache.add_argument("--no-cache", dest="cache", action="store_false",
                        help="decode into memory and write no cache (the data set must fit in memory)")
+    csv_group = p.add_argument_group("labels from a CSV (fastai's ColReader conventions)")
+    csv_group.add_argument("--labels", default="", metavar="CSV",
+                           help="take files and labels from a CSV instead of class folders: a file column (a path "
+                                "relative to SOURCE, else to the CSV's folder) and a label column; an optional "
+                                "is_valid column (true/false) gives the split, else --valid-pct")
+    csv_group.add_argument("--file-col", default="", help="the CSV's file column (default: file, fname or image)")
+    csv_group.add_argument("--label-col", default="", help="the CSV's label column (default: label, labels or tags)")
+    csv_group.add_argument("--label-delim", type=label_delim, default=" ", metavar="SEP",
+                           help="separates several labels in one cell (default: a space); if any cell holds more "
+                                "than one, a multi-label model is trained (sigmoid per class, fastai's "
+                                "BCEWithLogitsLossFlat) and an empty cell means no labels. Class names with "
+                                "spaces: give another separator, e.g. ';'")
+    csv_group.add_argument("--threshold", type=fraction, default=0.5,
+                           help="multi-label: a class is predicted when its probability is above this (default "
+                                "0.5); the threshold with the best validation F1 is reported beside it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, tables or per-epoch lines")
     return p
 

@@ -1,9 +1,10 @@
 """Data: find the images, validate them, decode each one once, and serve batches as tensors.
 
-Every source (MNIST's IDX files, MNIST's folder layout, a person's class folders) ends in one
-`ImageCache`: uint8 images (N, 3, S, S) already resized by the model's own item transforms,
-integer labels, a train/valid mask, and a `DataSummary` of what was found and skipped.
-A folder that is not split already is split after decoding, among the readable images only.
+Every source (MNIST's IDX files, MNIST's folder layout, a person's class folders, a folder with a
+labels CSV) ends in one `ImageCache`: uint8 images (N, 3, S, S) already resized by the model's own
+item transforms, labels (class indices, or multi-hot rows for a multi-label CSV), a train/valid
+mask, and a `DataSummary` of what was found and skipped. A folder that is not split already is
+split after decoding, among the readable images only.
 The decoded images of a folder are held in memory, or (`python -m train`'s default) in the disk
 cache of `train.cache`, memory-mapped and reused by later runs: the batches are slices either way.
 
@@ -23,12 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.data.core import Datasets, TfmdDL, DataLoaders
-from fastai.data.transforms import Categorize
-from fastai.torch_core import TensorCategory, TensorImage
+from fastai.data.transforms import Categorize, MultiCategorize, OneHotEncode
+from fastai.torch_core import TensorCategory, TensorImage, TensorMultiCategory
 from fasttransform import Transform
 
 from models.contract import item_transforms, batch_transforms
 from models.imageio import ORIGINAL_SIZE, ImageError, RGBImage, is_image_file
+from models.labels import LabelsError, missing_line, read_labels_csv, split_labels
 from train.cache import CacheError, Decoded, load_or_build
 from train.mnist import MnistArrays, find_mnist
 
@@ -53,11 +55,16 @@ class DataSummary:
     min_size: tuple[int, int] | None = None  # (width, height) of the smallest image seen
     max_size: tuple[int, int] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file relative to the data folder, reason)
+    # multi-label: the counts above are images carrying each label; these are images
+    multi_label: bool = False
+    n_images: tuple[int, int] | None = None   # (train, valid)
+    n_unlabelled: int = 0                     # images with none of the labels (an empty cell)
 
     def as_dict(self) -> dict:
+        n_train, n_valid = self.n_images or (sum(self.train_counts.values()), sum(self.valid_counts.values()))
+        extra = {"multi_label": True, "n_unlabelled": self.n_unlabelled} if self.multi_label else {}
         return {"source": self.source, "classes": self.classes, "train_counts": self.train_counts,
-                "valid_counts": self.valid_counts, "n_train": sum(self.train_counts.values()),
-                "n_valid": sum(self.valid_counts.values()),
+                "valid_counts": self.valid_counts, "n_train": n_train, "n_valid": n_valid, **extra,
                 "min_size": list(self.min_size) if self.min_size else None,
                 "max_size": list(self.max_size) if self.max_size else None,
                 "n_skipped": len(self.skipped),
@@ -68,7 +75,11 @@ class DataSummary:
         lines = [f"{'class':<{width}}  {'train':>7}  {'valid':>7}"]
         for c in self.classes:
             lines.append(f"{c:<{width}}  {self.train_counts[c]:>7}  {self.valid_counts[c]:>7}")
-        lines.append(f"{'total':<{width}}  {sum(self.train_counts.values()):>7}  {sum(self.valid_counts.values()):>7}")
+        if self.multi_label:
+            lines.append(f"{'images':<{width}}  {self.n_images[0]:>7}  {self.n_images[1]:>7}  "
+                         f"(multi-label: {self.n_unlabelled} with no label)")
+        else:
+            lines.append(f"{'total':<{width}}  {sum(self.train_counts.values()):>7}  {sum(self.valid_counts.values()):>7}")
         if self.min_size:
             lines.append(f"image sizes (w x h): {self.min_size[0]}x{self.min_size[1]} to {self.max_size[0]}x{self.max_size[1]}")
         lines.append(f"skipped files: {len(self.skipped)}")
@@ -78,10 +89,11 @@ class DataSummary:
 @dataclass
 class ImageCache:
     images: torch.Tensor     # uint8 (N, 3, S, S), after the model's item transforms
-    labels: torch.Tensor     # int64 (N,), index into `vocab`
+    labels: torch.Tensor     # int64 (N,), index into `vocab`; multi-label: float32 (N, len(vocab)) multi-hot
     is_valid: torch.Tensor   # bool (N,)
     vocab: list[str]
     summary: DataSummary
+    multi_label: bool = False
 
     def stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of (up to 20,000 of) the training images in [0, 1], for normalisation.
@@ -123,6 +135,38 @@ def find_items(root: Path) -> list[tuple[Path, str, bool | None]]:
             items += [(f, c, True) for c, fs in _class_files(root / valid_name).items() for f in fs]
             return items
     return [(f, c, None) for c, fs in _class_files(root).items() for f in fs]
+
+
+def find_csv_items(root: Path, labels_csv, file_col: str | None = None, label_col: str | None = None,
+                   delim: str = " ") -> tuple[list, list[tuple[str, str]], bool]:
+    """(items, missing, multi_label) for a folder whose labels are in a CSV (`models.labels`): items as
+    `find_items` gives them, a label being a tuple of labels (maybe empty) when the table is
+    multi-label; `missing` the rows left out as (file as written, reason), logged in one line."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder: with --labels, give the folder the CSV's paths are relative to"
+                        if root.exists() else f"{root} does not exist")
+    try:
+        rows = read_labels_csv(labels_csv, root, file_col or None, label_col or None, delim)
+    except LabelsError as e:
+        raise DataError(str(e)) from None
+    if rows.missing:
+        log.warning("%s; going on with the other %d", missing_line(rows.missing, Path(labels_csv).name), len(rows.files))
+    labels = [tuple(split_labels(c, delim)) for c in rows.labels] if rows.multi_label else rows.labels
+    valid = rows.is_valid or [None] * len(rows.files)
+    if rows.multi_label and (n := sum(1 for l in labels if not l)):
+        log.info("%d image(s) have an empty label cell: in a multi-label table that means none of the labels", n)
+    return list(zip(rows.files, labels, valid)), rows.missing, rows.multi_label
+
+
+def _rarest_label(labels: list[tuple[str, ...]]) -> list[str]:
+    """Each multi-label image's rarest label ("" for none): the strata `split_readable` splits by, so
+    that every label with a few images gets some in the validation set."""
+    counts: dict[str, int] = {}
+    for tags in labels:
+        for t in tags:
+            counts[t] = counts.get(t, 0) + 1
+    return [min(tags, key=lambda t: (counts[t], t)) if tags else "" for tags in labels]
 
 
 def split_readable(labels: list[str], valid_pct: float, seed: int) -> list[bool]:
@@ -180,9 +224,10 @@ def _decode_in_order(items, size: int, tfms, workers: int):
             yield pending.popleft().result()
 
 
-def _decode_into(out: torch.Tensor, items, size: int, root: Path, workers: int, progress: bool) -> Decoded:
+def _decode_into(out: torch.Tensor, items, size: int, roots, workers: int, progress: bool) -> Decoded:
     """Decode every item into `out` (uint8 (len(items), 3, S, S): memory, or the disk cache's map),
-    the readable ones packed from slot 0 on, each written as soon as it is decoded."""
+    the readable ones packed from slot 0 on, each written as soon as it is decoded. Skipped files
+    are recorded relative to the first of `roots` holding them."""
     tfms = item_transforms(size)
     labels, valid, skipped, sizes = [], [], [], []
     results = _decode_in_order(items, size, tfms, workers)
@@ -191,7 +236,7 @@ def _decode_into(out: torch.Tensor, items, size: int, root: Path, workers: int, 
         results = progress_bar(results, total=len(items), comment="decoding images")
     for (path, label, is_valid), (x, wh, err) in zip(items, results):
         if err is not None:
-            skipped.append((Path(path).relative_to(root).as_posix(), err))
+            skipped.append((_relative(Path(path), roots), err))
             continue
         out[len(labels)].copy_(x.as_subclass(torch.Tensor))
         labels.append(label)
@@ -201,21 +246,25 @@ def _decode_into(out: torch.Tensor, items, size: int, root: Path, workers: int, 
 
 
 def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct: float = 0.2, seed: int = 42,
-                 workers: int | None = None, progress: bool = True, cache_dir: Path | str | None = None) -> ImageCache:
+                 workers: int | None = None, progress: bool = True, cache_dir: Path | str | None = None,
+                 missing=(), multi_label: bool = False, roots=()) -> ImageCache:
     """Decode and resize every file once, then split the readable ones of an unsplit folder (items
     whose is_valid is None).
 
     `cache_dir`: keep the decoded images in a memory-mapped cache there (`train.cache`), reused by
     later runs while the files stay the same; None decodes into memory. `source` names the data in
     error messages (this machine's path, for the person at it); `name` is what the summary records,
-    and skipped files are recorded relative to `root`."""
+    and skipped files are recorded relative to `root` (or to one of `roots`, the labels CSV's folder),
+    after the `missing` ones, (name, reason) pairs already. `multi_label`: each item's label is a
+    tuple of labels."""
     if not items:
         raise DataError(f"no images found in {source} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.bmp', '.tif'}))}, any case)")
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     root = Path(root)
+    folders = (root, *map(Path, roots))
 
     def fill(out):
-        return _decode_into(out, items, size, root, workers, progress)
+        return _decode_into(out, items, size, folders, workers, progress)
 
     if cache_dir is None:
         # One allocation, filled in place: no list of tensors and no stack (which held it all twice).
@@ -226,28 +275,53 @@ def decode_items(items, size: int, source: str, root: Path, name: str, valid_pct
         except CacheError as e:
             raise DataError(str(e)) from None
     for f, reason in decoded.skipped:
-        log.warning("skipping %s: %s", root / f, reason)
+        log.warning("skipping %s: %s", f, reason)
     valid = decoded.valid
     if None in valid:  # not split already
-        valid = split_readable(decoded.labels, valid_pct, seed)
-    return _build_cache(decoded.images, decoded.labels, valid, source, name, decoded.skipped, decoded.sizes)
+        valid = split_readable(_rarest_label(decoded.labels) if multi_label else decoded.labels, valid_pct, seed)
+    skipped = list(missing) + list(decoded.skipped)
+    return _build_cache(decoded.images, decoded.labels, valid, source, name, skipped, decoded.sizes, multi_label,
+                        from_csv=bool(roots))
 
 
-def _build_cache(images, labels, valid, source, name, skipped, sizes) -> ImageCache:
-    vocab = sorted(set(labels))
-    if not vocab:
+def _relative(path: Path, roots) -> str:
+    """`path` relative to the first of `roots` holding it, else its name: never this machine's path."""
+    for r in roots:
+        try:
+            return path.relative_to(r).as_posix()
+        except ValueError:
+            continue
+    return path.name
+
+
+def _build_cache(images, labels, valid, source, name, skipped, sizes, multi_label: bool = False,
+                 from_csv: bool = False) -> ImageCache:
+    tag_sets = [set(l) for l in labels] if multi_label else [{l} for l in labels]
+    vocab = sorted(set().union(*tag_sets))
+    if not labels:
         raise DataError(f"no readable images in {source} ({len(skipped)} skipped)")
     if len(vocab) < 2:
-        raise DataError(f"only one class ({vocab[0]!r}) in {source}: a classifier needs at least two "
-                        "sub-folders, one per class")
+        where = "labels" if from_csv else "sub-folders, one per class"
+        raise DataError(f"only one class ({vocab[0]!r}) in {source}: a classifier needs at least two {where}"
+                        if vocab else f"no labels in {source}: every label cell is empty")
     index = {c: i for i, c in enumerate(vocab)}
-    y = torch.tensor([index[l] for l in labels], dtype=torch.int64)
+    if multi_label:  # multi-hot rows, what fastai's MultiCategorize + OneHotEncode make
+        y = torch.zeros(len(labels), len(vocab), dtype=torch.float32)
+        for row, tags in enumerate(tag_sets):
+            y[row, [index[t] for t in tags]] = 1.0
+    else:
+        y = torch.tensor([index[l] for l in labels], dtype=torch.int64)
     v = torch.tensor(valid, dtype=torch.bool)
     train_counts = {c: 0 for c in vocab}
     valid_counts = {c: 0 for c in vocab}
-    for l, is_valid in zip(labels, valid):
-        (valid_counts if is_valid else train_counts)[l] += 1
+    for tags, is_valid in zip(tag_sets, valid):
+        for t in tags:
+            (valid_counts if is_valid else train_counts)[t] += 1
     summary = DataSummary(name, vocab, train_counts, valid_counts, skipped=skipped)
+    if multi_label:
+        summary.multi_label = True
+        summary.n_images = (int((~v).sum()), int(v.sum()))
+        summary.n_unlabelled = sum(1 for t in tag_sets if not t)
     if sizes:
         summary.min_size = (min(w for w, _ in sizes), min(h for _, h in sizes))
         summary.max_size = (max(w for w, _ in sizes), max(h for _, h in sizes))
@@ -257,15 +331,24 @@ def _build_cache(images, labels, valid, source, name, skipped, sizes) -> ImageCa
         unreadable = f" ({len(skipped)} unreadable file(s) were skipped)" if skipped else ""
         raise DataError(f"too few readable images in class {', '.join(few)}: each class needs at least "
                         f"{MIN_IMAGES_PER_CLASS} (at least 1 to validate on and 4 to learn from){unreadable}")
-    # Only a split made by the person can leave a side empty: `split_readable` never does.
+    # Only a split made by the person can leave a side empty: `split_readable` never does (for a
+    # multi-label table it splits by each image's rarest label, so a label seldom alone can miss out).
+    add_valid = ("mark some of its rows is_valid=true, or drop the is_valid column and use --valid-pct" if from_csv
+                 else "add some to the validation folder, or drop the train/valid split and use --valid-pct")
+    if multi_label and (not v.any() or v.all()):  # single-label: the per-class checks below say it
+        raise DataError(f"no {'validation' if not v.any() else 'training'} images in {source}: "
+                        + (add_valid if not v.any() else "mark some rows is_valid=false" if from_csv
+                           else "add some to the training folder"))
     no_valid = [c for c in vocab if valid_counts[c] == 0]
-    if no_valid:
-        raise DataError(f"class {', '.join(no_valid)} has no validation images: add some to the "
-                        "validation folder, or drop the train/valid split and use --valid-pct")
+    if no_valid and multi_label:
+        log.warning("label %s has no validation images: its F1 is not measured", ", ".join(no_valid))
+    elif no_valid:
+        raise DataError(f"class {', '.join(no_valid)} has no validation images: {add_valid}")
     no_train = [c for c in vocab if train_counts[c] == 0]
     if no_train:
-        raise DataError(f"class {', '.join(no_train)} has no training images: add some to the training folder")
-    return ImageCache(images, y, v, vocab, summary)
+        raise DataError(f"class {', '.join(no_train)} has no training images: "
+                        + ("mark some of its rows is_valid=false" if from_csv else "add some to the training folder"))
+    return ImageCache(images, y, v, vocab, summary, multi_label)
 
 
 def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
@@ -281,10 +364,21 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
 
 
 def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mnist_dir=None,
-              progress: bool = True, workers: int | None = None, cache_dir: Path | str | None = None) -> ImageCache:
-    """Resolve `source` ('mnist' or a folder) into a validated, decoded `ImageCache`.
+              progress: bool = True, workers: int | None = None, cache_dir: Path | str | None = None,
+              labels_csv=None, file_col: str | None = None, label_col: str | None = None,
+              label_delim: str = " ") -> ImageCache:
+    """Resolve `source` ('mnist' or a folder, its labels from class folders or from `labels_csv`)
+    into a validated, decoded `ImageCache`.
     `cache_dir`: see `decode_items`. MNIST's IDX files are read into memory whatever it says: reading
     them takes about a second and they are 165 MB as RGB, so a disk cache would save nothing."""
+    if labels_csv:
+        if source == "mnist":
+            raise DataError("--labels takes a folder of images, not 'mnist'")
+        root = Path(source).expanduser()
+        items, missing, multi = find_csv_items(root, labels_csv, file_col, label_col, label_delim)
+        return decode_items(items, size, f"{source} (labels from {Path(labels_csv).name})", root,
+                            root.resolve().name, valid_pct, seed, workers, progress, cache_dir=cache_dir,
+                            missing=missing, multi_label=multi, roots=(Path(labels_csv).expanduser().parent,))
     if source == "mnist":
         found = find_mnist(mnist_dir)
         if isinstance(found, MnistArrays):
@@ -309,9 +403,12 @@ class CachedImage(Transform):
 
 
 class CachedLabel(Transform):
-    "Item index -> its class name, for `Categorize`."
+    "Item index -> its class name, for `Categorize` (multi-label: its list of names, for `MultiCategorize`)."
     def __init__(self, labels, vocab): self.labels, self.vocab = labels, vocab
-    def encodes(self, i: int): return self.vocab[int(self.labels[i])]
+    def encodes(self, i: int):
+        if self.labels.ndim == 2:
+            return [self.vocab[j] for j in torch.nonzero(self.labels[i]).flatten().tolist()]
+        return self.vocab[int(self.labels[i])]
 
 
 class CachedImageDL(TfmdDL):
@@ -325,7 +422,8 @@ class CachedImageDL(TfmdDL):
         stop = len(samps) - (len(samps) % self.bs if self.drop_last else 0)
         for start in range(0, stop, self.bs):
             idx = torch.as_tensor([items[s] for s in samps[start:start + self.bs]])
-            yield TensorImage(cache_x[idx]), TensorCategory(cache_y[idx])
+            y = cache_y[idx]
+            yield TensorImage(cache_x[idx]), (TensorMultiCategory(y) if y.ndim == 2 else TensorCategory(y))
 
 
 def build_dataloaders(cache: ImageCache, bs: int, mean, std, augment: bool = False,
@@ -340,8 +438,9 @@ def build_dataloaders(cache: ImageCache, bs: int, mean, std, augment: bool = Fal
         bs = n_train
     idx = list(range(len(cache.labels)))
     splits = ([i for i in idx if not cache.is_valid[i]], [i for i in idx if cache.is_valid[i]])
-    dsets = Datasets(idx, tfms=[[CachedImage(cache.images)],
-                                [CachedLabel(cache.labels, cache.vocab), Categorize(vocab=cache.vocab)]],
+    targets = ([MultiCategorize(vocab=cache.vocab), OneHotEncode(len(cache.vocab))] if cache.multi_label
+               else [Categorize(vocab=cache.vocab)])
+    dsets = Datasets(idx, tfms=[[CachedImage(cache.images)], [CachedLabel(cache.labels, cache.vocab), *targets]],
                      splits=splits)
     after_batch = batch_transforms(mean, std)
     if augment:

@@ -63,6 +63,38 @@ def evaluate(learn, dl=None, outputs=None):
     return interp, metrics
 
 
+F1_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95, the sweep for the best-F1 threshold
+
+
+def _f1_macro(predicted, truth) -> float:
+    """Macro F1 of boolean (N, C) predictions, as scikit-learn's `f1_score(average="macro")` (what
+    fastai's `F1ScoreMulti` calls): a label neither present nor predicted scores 0."""
+    tp = (predicted & truth).sum(0).double()
+    wrong = (predicted ^ truth).sum(0).double()  # false positives + false negatives
+    denom = 2 * tp + wrong
+    return float(torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp)).mean())
+
+
+def evaluate_multi_label(learn, vocab, threshold: float, dl=None, outputs=None) -> dict:
+    """Validation metrics of a multi-label learner at `threshold` (a class is predicted when its
+    sigmoid is above it, as fastai's `accuracy_multi` and `BCEWithLogitsLossFlat.decodes` do), and
+    the threshold of `F1_THRESHOLDS` with the best macro F1 (fastbook's sweep; ties go to the one
+    nearest `threshold`). `outputs`: the raw outputs and targets of the last validation pass."""
+    if outputs is None:
+        probs, targs = learn.get_preds(dl=dl if dl is not None else learn.dls[1].new(shuffle=False, drop_last=False))
+    else:
+        probs, targs = torch.sigmoid(outputs[0].float()), outputs[1]
+    truth = targs.bool()
+    predicted = probs > threshold
+    scores = {t: _f1_macro(probs > t, truth) for t in F1_THRESHOLDS}
+    best = max(scores, key=lambda t: (scores[t], -abs(t - threshold)))
+    per_label = (predicted == truth).float().mean(0).tolist()
+    return {"valid_accuracy": float((predicted == truth).float().mean()), "n_valid": int(len(truth)),
+            "per_class_accuracy": {str(c): float(a) for c, a in zip(vocab, per_label)},
+            "confusion_matrix": [], "f1": _f1_macro(predicted, truth), "best_f1": scores[best],
+            "best_f1_threshold": best}
+
+
 def _save_figures(interp, folder: Path, n_classes: int) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only; never open a window
@@ -83,7 +115,8 @@ def _save_examples(cache, folder: Path) -> list[str]:
     names = []
     valid_idx = torch.nonzero(cache.is_valid).flatten()
     for ci, c in enumerate(cache.vocab[:MAX_EXAMPLE_CLASSES]):
-        idx = valid_idx[cache.labels[valid_idx] == ci][:EXAMPLES_PER_CLASS]
+        has = cache.labels[valid_idx, ci] > 0 if cache.multi_label else cache.labels[valid_idx] == ci
+        idx = valid_idx[has][:EXAMPLES_PER_CLASS]
         for n, i in enumerate(idx.tolist()):
             name = f"{_safe(c)}_{n}.png"
             Image.fromarray(cache.images[i].permute(1, 2, 0).numpy()).save(out / name)
@@ -105,10 +138,26 @@ def model_card(meta: ModelMetadata, formats: tuple[str, ...] = FORMATS) -> str:
                      f"{'-' if m.per_class_accuracy[c] is None else format(m.per_class_accuracy[c], '.2%')} |"
                      for c in meta.classes)
     mean, std = [round(v, 4) for v in meta.normalize.mean], [round(v, 4) for v in meta.normalize.std]
+    if meta.multi_label:
+        kind = "multi-label image classifier (a sigmoid per class: any number of labels per image)"
+        scored = (f"At threshold {meta.decision_threshold:g}: accuracy_multi **{m.valid_accuracy:.2%}**, macro F1 "
+                  f"**{m.f1:.4f}** on {m.n_valid} images; the best F1, {m.best_f1:.4f}, is at threshold "
+                  f"{meta.best_f1_threshold:g}.")
+        figures = ""
+    else:
+        kind = "image classifier"
+        scored = f"Validation accuracy: **{m.valid_accuracy:.2%}** on {m.n_valid} images."
+        figures = f"""
+![confusion matrix]({CONFUSION_FILE})
+
+The validation images it got most wrong:
+
+![top losses]({TOP_LOSSES_FILE})
+"""
     return f"""# {meta.name}
 
-A {meta.arch} image classifier for {len(meta.classes)} classes, {how} with fastai on
-{d['source']}. Validation accuracy: **{m.valid_accuracy:.2%}** on {m.n_valid} images.
+A {meta.arch} {kind} for {len(meta.classes)} classes, {how} with fastai on
+{d['source']}. {scored}
 
 ## Training
 - {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {cfg['bs']}, seed {cfg['seed']}
@@ -120,13 +169,7 @@ A {meta.arch} image classifier for {len(meta.classes)} classes, {how} with fasta
 | class | train | valid | valid accuracy |
 |---|---|---|---|
 {rows}
-
-![confusion matrix]({CONFUSION_FILE})
-
-The validation images it got most wrong:
-
-![top losses]({TOP_LOSSES_FILE})
-
+{figures}
 ## Use
 ```
 python -m serve path/to/this/folder            # web app + HTTP API
@@ -139,13 +182,21 @@ def _usage(meta: ModelMetadata, formats) -> str:
     """How to load each format, as code a reader can paste (run by tests/test_formats.py, from this
     folder, outside the checkout)."""
     parts = []
+    if meta.multi_label:  # every class above the threshold, not the most likely one
+        act = "sigmoid"
+        pick = 'print([c for c, p in zip(info["classes"], probs.tolist()) if p > info["threshold"]])'
+        pick_pickle = ('labels, above, probs = learn.predict("image.png")  # the classes above the threshold, '
+                       'a mask, every probability\nprint(list(labels))')
+    else:
+        act = "softmax"
+        pick = 'print(info["classes"][int(probs.argmax())], float(probs.max()))'
+        pick_pickle = 'label, index, probs = learn.predict("image.png")\nprint(label, float(probs[index]))'
     if "pickle" in formats:
         parts.append(f"""With fastai alone (`{MODEL_FILE}` is a pickle: loading it runs code, so load only models you trust):
 ```python
 from fastai.learner import load_learner
 learn = load_learner("{MODEL_FILE}")
-label, index, probs = learn.predict("image.png")
-print(label, float(probs[index]))
+{pick_pickle}
 ```""")
     if "safetensors" in formats:
         parts.append(f"""With torch and safetensors, no pickle (fastai's `create_vision_model` builds the network from
@@ -164,11 +215,11 @@ size, mean, std = info["image_size"], info["normalize"]["mean"], info["normalize
 img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
 x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
 x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-probs = model(x).softmax(-1)[0]
-print(info["classes"][int(probs.argmax())], float(probs.max()))
+probs = model(x).{act}(-1)[0]
+{pick}
 ```""")
     if "onnx" in formats:
-        parts.append(f"""With onnxruntime alone (no torch; normalisation and softmax are inside the graph):
+        parts.append(f"""With onnxruntime alone (no torch; normalisation and {act} are inside the graph):
 ```python
 import json
 import numpy as np, onnxruntime as ort
@@ -178,12 +229,12 @@ size = info["image_size"]
 img = Image.open("image.png").convert("RGB").resize((size, size), Image.BILINEAR)
 pixels = np.asarray(img).transpose(2, 0, 1)[None]  # uint8 (1, 3, size, size)
 probs = ort.InferenceSession("{ONNX_FILE}").run(["probabilities"], {{"pixels": pixels}})[0][0]
-print(info["classes"][int(probs.argmax())], float(probs.max()))
+{pick}
 ```""")
     return "\n\n".join(parts) + "\n"
 
 
-def export_learner(learn, path: Path) -> Path:
+def export_learner(learn, path: Path, keep_metrics: bool = True) -> Path:
     """`learn.export`, made portable: the stdlib pickle at protocol 4 instead of fastai's default
     cloudpickle (which pickles `PILImage.create` by value, as Python-version-specific bytecode), a
     plain optimiser function instead of a partial, and no path of this machine (`learn.path` is
@@ -191,16 +242,22 @@ def export_learner(learn, path: Path) -> Path:
 
     The optimiser is fastai's own Adam with `train.learner.ADAMW`'s hyperparameters (betas 0.9/0.99,
     eps 1e-5, decoupled weight decay 0.01): ADAMW is a `functools.partial`, which the Hub's pickle
-    scanner flags. Only a later `learn.fine_tune` by whoever loads the pickle uses it."""
+    scanner flags. Only a later `learn.fine_tune` by whoever loads the pickle uses it.
+
+    `keep_metrics` False (multi-label) leaves the metrics out: `accuracy_multi` at a threshold is a
+    partial and `F1ScoreMulti` holds scikit-learn's function; the threshold stays in the pickle as
+    the loss's `thresh`, which `learn.predict` decodes with, and in metadata.json."""
     from fastai.optimizer import Adam
-    saved = learn.opt_func, learn.opt, learn.path
+    saved = learn.opt_func, learn.opt, learn.path, learn.metrics
     learn.opt_func, learn.opt, learn.path = Adam, None, Path(".")
+    if not keep_metrics:
+        learn.metrics = []
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     try:
         learn.export(tmp.resolve(), pickle_module=pickle, pickle_protocol=4)
         os.replace(tmp, path)
     finally:
-        learn.opt_func, learn.opt, learn.path = saved
+        learn.opt_func, learn.opt, learn.path, learn.metrics = saved
         tmp.unlink(missing_ok=True)
     return Path(path)
 
@@ -212,16 +269,20 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
     out = Path(cfg.out).expanduser().resolve()
     with atomic_folder(out) as tmp:
         interp = metrics.pop("_interp")
-        _save_figures(interp, tmp, len(cache.vocab))
+        if interp is not None:  # multi-label: no confusion matrix of one class against another
+            _save_figures(interp, tmp, len(cache.vocab))
         examples = _save_examples(cache, tmp)
+        multi = cache.multi_label
 
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         meta = ModelMetadata(
             name=out.name, classes=[str(c) for c in cache.vocab], arch=ARCH, n_out=len(cache.vocab),
             head=Head(),  # vision_learner's defaults, what train.learner.build_learner trains
-            activation="softmax",  # CrossEntropyLossFlat's
+            activation="sigmoid" if multi else "softmax",  # BCEWithLogitsLossFlat's, CrossEntropyLossFlat's
             image_size=cfg.size, resize_method="squish", input_channels=3,
-            normalize=Normalization(mean=mean, std=std), metrics=Metrics(**metrics),
+            normalize=Normalization(mean=mean, std=std),
+            metrics=Metrics(**{k: v for k, v in metrics.items() if k != "best_f1_threshold"}),
+            threshold=cfg.threshold if multi else None, best_f1_threshold=metrics.get("best_f1_threshold"),
             versions=library_versions(), config=cfg.as_portable_dict(), data=cache.summary.as_dict(), lr=lr,
             seed=cfg.seed, training_seconds=round(training_seconds, 1), device=device,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples)
@@ -229,10 +290,12 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
         train_dls = learn.dls
         detach_training_callbacks(learn)
         learn.model.cpu()
-        sample = (Image.fromarray(cache.images[0].permute(1, 2, 0).numpy()), cache.vocab[int(cache.labels[0])])
-        learn.dls = inference_dataloaders(cache.vocab, cfg.size, mean, std, sample)
+        first = Image.fromarray(cache.images[0].permute(1, 2, 0).numpy())
+        sample = (first, [c for c, on in zip(cache.vocab, cache.labels[0].tolist()) if on] if multi
+                  else cache.vocab[int(cache.labels[0])])
+        learn.dls = inference_dataloaders(cache.vocab, cfg.size, mean, std, sample, multi_label=multi)
         try:
-            export_learner(learn, tmp / MODEL_FILE)
+            export_learner(learn, tmp / MODEL_FILE, keep_metrics=not multi)
         finally:
             learn.dls = train_dls
         save_weights(learn.model, tmp / WEIGHTS_FILE)

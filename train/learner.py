@@ -23,8 +23,8 @@ import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / 
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
-from fastai.metrics import accuracy
+from fastai.losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat
+from fastai.metrics import F1ScoreMulti, accuracy, accuracy_multi
 from fastai.optimizer import OptimWrapper
 from fastai.vision.learner import vision_learner
 from fastcore.basics import noop
@@ -138,11 +138,23 @@ def load_checkpoint(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- learner
 
-def build_learner(dls, cfg, device: torch.device, workdir: Path) -> Learner:
+def loss_and_metrics(multi_label: bool, threshold: float = 0.5) -> tuple:
+    """One label per image: cross-entropy and accuracy. Several (fastbook's chapter 6): a sigmoid
+    per class (`BCEWithLogitsLossFlat`, whose `thresh` is what `learn.predict` decodes with),
+    `accuracy_multi` and macro F1 at the threshold. The partial lives only while training: the
+    export leaves the metrics out of the pickle (`train.export.export_learner`)."""
+    if not multi_label:
+        return CrossEntropyLossFlat(), [accuracy]
+    return BCEWithLogitsLossFlat(thresh=threshold), [partial(accuracy_multi, thresh=threshold),
+                                                     F1ScoreMulti(thresh=threshold, average="macro")]
+
+
+def build_learner(dls, cfg, device: torch.device, workdir: Path, multi_label: bool = False) -> Learner:
     """resnet18 through `vision_learner`; ImageNet weights through fastai's normal path."""
+    loss_func, metrics = loss_and_metrics(multi_label, cfg.threshold)
     try:
         learn = vision_learner(dls, resnet18, pretrained=cfg.pretrained, normalize=False,
-                               loss_func=CrossEntropyLossFlat(), opt_func=ADAMW, metrics=accuracy, path=workdir, model_dir=".")
+                               loss_func=loss_func, opt_func=ADAMW, metrics=metrics, path=workdir, model_dir=".")
     except Exception as e:
         if not cfg.pretrained:
             raise
