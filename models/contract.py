@@ -11,6 +11,8 @@ A model folder has the shape of a Hugging Face model repo, so it can be pushed a
     metadata.json           `ModelMetadata`: classes, network, preprocessing, config, data, metrics, versions
     confusion_matrix.png    fastai's ClassificationInterpretation
     top_losses.png          the validation images the model got most wrong
+    history.csv             one row per epoch: epoch, phase, train_loss, valid_loss, every metric, lr, seconds
+    learning_curves.png     the losses and metrics of history.csv against the epoch
     examples/<class>_<n>.png  a few validation images per class, for the app's examples
     README.md               the model card
 
@@ -32,7 +34,7 @@ from pathlib import Path
 
 __all__ = [
     "MODEL_FILE", "WEIGHTS_FILE", "ONNX_FILE", "METADATA_FILE", "CONFUSION_FILE", "TOP_LOSSES_FILE", "EXAMPLES_DIR",
-    "CARD_FILE", "ARCH", "ARCHS", "FORMATS", "FORMAT_FILES", "METADATA_VERSION", "ModelFolderError", "Head",
+    "HISTORY_FILE", "CURVES_FILE", "STOPPED_COMPLETED", "STOPPED_PATIENCE", "FitSummary", "CARD_FILE", "ARCH", "ARCHS", "FORMATS", "FORMAT_FILES", "METADATA_VERSION", "ModelFolderError", "Head",
     "Normalization", "Metrics", "ModelMetadata", "Preprocessing", "ModelFolder", "item_transforms",
     "batch_transforms", "library_versions", "load_model_folder", "read_metadata", "write_metadata",
     "inference_dataloaders", "DEFAULT_THRESHOLD",
@@ -44,6 +46,8 @@ ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 CONFUSION_FILE = "confusion_matrix.png"
 TOP_LOSSES_FILE = "top_losses.png"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "learning_curves.png"
 EXAMPLES_DIR = "examples"
 CARD_FILE = "README.md"
 ARCH = "resnet18"  # what `python -m train` fine-tunes
@@ -54,6 +58,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50")
 FORMAT_FILES = {"pickle": MODEL_FILE, "safetensors": WEIGHTS_FILE, "onnx": ONNX_FILE}
 FORMATS = tuple(FORMAT_FILES)
 RESIZE_METHODS = ("squish",)
+# Why a fit ended: it ran every epoch of its budget, or --patience epochs passed without a lower valid_loss.
+STOPPED_COMPLETED, STOPPED_PATIENCE = "completed", "patience"
+STOP_REASONS = (STOPPED_COMPLETED, STOPPED_PATIENCE)
 ACTIVATIONS = ("softmax", "sigmoid")  # single-label (CrossEntropyLossFlat), multi-label (BCEWithLogitsLossFlat)
 # 2: the network (n_out, head, activation) and model.safetensors/model.onnx. A version-1 folder is
 # still read: its network was always `vision_learner`'s default head with a softmax, filled in below.
@@ -106,6 +113,17 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class FitSummary:
+    """How the fit ended (train/stopping.py). Epochs are numbered from 1 over all phases, as in history.csv."""
+    epochs_planned: int        # the budget: --epochs, plus the frozen epoch with --pretrained/--init
+    epochs_run: int
+    best_epoch: int | None     # the lowest valid_loss
+    kept_epoch: int            # whose weights this folder holds: best_epoch with --patience, else the last
+    stopped: str               # "completed" (the whole budget) or "patience" (early stopping)
+    patience: int = 0          # --patience; 0: off
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """metadata.json, typed. `read_metadata` validates a file into one (or refuses it with one
     line); `write_metadata` writes one. Every reader and writer of the folder goes through it."""
@@ -132,6 +150,7 @@ class ModelMetadata:
     device: str | None = None
     created: str | None = None  # ISO 8601, UTC
     examples: list[str] = field(default_factory=list)  # paths relative to the folder
+    fit: FitSummary | None = None  # None in folders exported before early stopping existed
     task: str = "image-classification"
     # multi-label only (activation "sigmoid"; absent from a single-label metadata.json, so that code
     # from before multi-label still reads those): a class is predicted when its probability is above
@@ -210,6 +229,8 @@ class ModelMetadata:
             t = getattr(self, name)
             if t is not None and not (self.multi_label and 0 < t < 1):
                 raise _SchemaError(f"{name} {t} is only for a multi-label (sigmoid) model, strictly between 0 and 1")
+        if self.fit is not None and self.fit.stopped not in STOP_REASONS:
+            raise _SchemaError(f"fit.stopped {self.fit.stopped!r} is not one of {', '.join(STOP_REASONS)}")
         if self.resize_method not in RESIZE_METHODS:
             raise _SchemaError(f"resize_method {self.resize_method!r} is not one of {', '.join(RESIZE_METHODS)}")
         if not 1 <= self.image_size <= 4096:

@@ -23,8 +23,10 @@ def run(cfg) -> Path:
     from fastai.vision.core import imagenet_stats
     from train.data import build_dataloaders, load_data
     from train.export import evaluate, evaluate_multi_label, export_model
-    from train.learner import (TrainError, build_learner, find_lr, fit, load_checkpoint, pick_device,
+    from train.learner import (RESUMED_STATE, TrainError, build_learner, find_lr, fit, load_checkpoint, pick_device,
                                plan_phases)
+    from models.contract import STOPPED_COMPLETED
+    from train.stopping import fit_summary
 
     t_start = time.perf_counter()
     set_seed(cfg.seed, reproducible=True)
@@ -77,26 +79,32 @@ def run(cfg) -> Path:
     lr = float(cfg.lr)
     state = {"config": cfg.as_dict(), "classes": cache.vocab, "counts": counts, "lr_given": lr_given}
     if resume_state:
-        state["done"] = dict(resume_state["state"].get("done", {}))
+        state.update({k: resume_state["state"][k] for k in RESUMED_STATE if k in resume_state["state"]})
         learn.model.load_state_dict(resume_state["model"])
         learn.create_opt()
         if resume_state["opt"] is not None:
             learn.opt.load_state_dict(resume_state["opt"])
         print(f"resuming from {ckpt} (epochs done: {state['done']})", flush=True)
-    fit_seconds, last_validation = fit(learn, plan_phases(cfg, lr), ckpt, state, quiet=cfg.quiet,
-                      resume_from=resume_state["state"] if resume_state else None)
+    phases = plan_phases(cfg, lr)
+    fit_seconds, last_validation = fit(learn, phases, ckpt, state, quiet=cfg.quiet,
+                                       resume_from=resume_state["state"] if resume_state else None,
+                                       patience=cfg.patience)
+    summary = fit_summary(state, sum(p.epochs for p in phases), cfg.patience)
 
     if cache.multi_label:
         interp, metrics = None, evaluate_multi_label(learn, cache.vocab, cfg.threshold, outputs=last_validation)
     else:
         interp, metrics = evaluate(learn, outputs=last_validation)
     metrics["_interp"] = interp
-    out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device))
+    out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device),
+                       history=state["history"], fit=summary)
     shutil.rmtree(ckpt.parent, ignore_errors=True)  # the model folder is complete: the checkpoint is spent
     if not cfg.quiet:
+        kept = (f"epoch {summary.kept_epoch} of {summary.epochs_run} kept ({summary.stopped})  "
+                if summary.kept_epoch != summary.epochs_run or summary.stopped != STOPPED_COMPLETED else "")
         f1 = (f"  F1 {metrics['f1']:.4f} at threshold {cfg.threshold:g} (best {metrics['best_f1']:.4f} at "
               f"{metrics['best_f1_threshold']:g})" if cache.multi_label else "")
-        print(f"valid accuracy {metrics['valid_accuracy']:.4f}{f1}  fit {fit_seconds:.0f} s  "
+        print(f"{kept}valid accuracy {metrics['valid_accuracy']:.4f}{f1}  fit {fit_seconds:.0f} s  "
               f"total {time.perf_counter() - t_start:.0f} s  ->  {out}", flush=True)
     return out
 

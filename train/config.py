@@ -24,13 +24,19 @@ MNIST_DEFAULTS = dict(epochs=2, lr=0.02, bs=256, size=28, augment=True)
 MNIST_ONE_EPOCH = dict(lr=0.01, bs=128, augment=False)
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
+# Early stopping, off for both: one-cycle's rate peaks early in the run and anneals to the end, so the
+# validation loss of a short fixed schedule (MNIST's 2 epochs, photos' 5) often rises mid-run and is
+# lowest in the last epoch; a patience would stop such a run at its noisiest point. It pays with a
+# budget longer than the data needs (--epochs 30 --patience 3). A source's defaults above may set
+# `patience` to override this.
+DEFAULT_PATIENCE = 0
 # Fields holding a path of this machine: resolved (absolute) in the config, their names only in metadata.json.
 PATH_FIELDS = ("source", "out", "init", "mnist_dir", "cache_dir", "labels")
 # What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
 # schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
 # validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
 RESUME_FIXED = ("source", "out", "mnist_dir", "pretrained", "init", "size", "bs", "epochs", "valid_pct", "seed",
-                "augment", "flip", "labels", "file_col", "label_col", "label_delim", "threshold")
+                "augment", "flip", "labels", "file_col", "label_col", "label_delim", "threshold", "patience")
 
 
 @dataclass
@@ -62,6 +68,8 @@ class TrainConfig:
     label_col: str = ""              # its label column; "" tries label, labels, tags
     label_delim: str = " "           # between the labels of one cell: any cell with two makes it multi-label
     threshold: float = 0.5           # multi-label: a class is predicted when its sigmoid is above this
+    patience: int | None = None      # epochs without a lower valid_loss before stopping (then the best epoch is
+                                     # exported); 0 = off; None: the source's default (DEFAULT_PATIENCE)
 
     def resolve(self) -> "TrainConfig":
         """Fill the defaults that depend on the data source and on --pretrained."""
@@ -76,6 +84,8 @@ class TrainConfig:
             self.lr = self.lr or (str(d["lr"]) if d["lr"] else ("2e-3" if (self.pretrained or self.init) else "3e-3"))
         if self.augment is None:
             self.augment = d["augment"]
+        if self.patience is None:
+            self.patience = d.get("patience", DEFAULT_PATIENCE)
         if is_mnist:
             self.flip = False
         if not is_mnist:
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m train path/to/photos --epochs 5 --size 64 --out models/fashion\n"
                "  python -m train path/to/photos --pretrained --epochs 3 --out models/lotr\n"
                "  python -m train path/to/photos --init models/mnist --epochs 3\n"
+               "  python -m train path/to/photos --epochs 30 --patience 3   # stop when valid loss stalls\n"
                "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch\n"
                "  python -m train path/to/images --labels labels.csv   # file,label rows; 'a b' cells: multi-label",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint: the same source, --out and "
                         "settings (a changed --seed, --valid-pct, --lr, --augment, --no-flip, --size, --bs, "
-                        "--epochs... is refused); --device, --workers and --quiet may differ")
+                        "--epochs, --patience... is refused); --device, --workers and --quiet may differ")
+    p.add_argument("--patience", type=non_negative_int, default=None, metavar="N",
+                   help="early stopping: stop when the validation loss has not improved for N epochs, and "
+                        "export the epoch with the lowest validation loss instead of the last (counted over "
+                        "all epochs: with --pretrained/--init the frozen epoch is the first); 0 = off. Default: "
+                        f"{DEFAULT_PATIENCE or 'off'} for MNIST and photos, whose short one-cycle schedules "
+                        "often reach their lowest validation loss in the last epoch, after a rise mid-run; "
+                        "give a longer --epochs budget with it")
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding threads (default, or 0: 2 x cores, at most 8)")

@@ -18,9 +18,10 @@ import torch
 from PIL import Image
 
 from models.atomic import atomic_folder
-from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, EXAMPLES_DIR, FORMATS, MODEL_FILE, ONNX_FILE,
-                             TOP_LOSSES_FILE, WEIGHTS_FILE, Head, Metrics, ModelMetadata, Normalization,
-                             inference_dataloaders, library_versions, write_metadata)
+from models.contract import (ARCH, CARD_FILE, CONFUSION_FILE, CURVES_FILE, EXAMPLES_DIR, FORMATS, HISTORY_FILE,
+                             MODEL_FILE, ONNX_FILE, STOPPED_PATIENCE, TOP_LOSSES_FILE, WEIGHTS_FILE, FitSummary, Head,
+                             Metrics, ModelMetadata, Normalization, inference_dataloaders, library_versions,
+                             write_metadata)
 from models.onnx import export_onnx
 from models.weights import save_weights
 
@@ -169,6 +170,8 @@ A {meta.arch} {kind} for {len(meta.classes)} classes, {how} with fastai on
 | class | train | valid | valid accuracy |
 |---|---|---|---|
 {rows}
+
+{_history_section(meta)}
 {figures}
 ## Use
 ```
@@ -176,6 +179,28 @@ python -m serve path/to/this/folder            # web app + HTTP API
 python -m serve.predict path/to/this/folder image.jpg --top-k 3
 ```
 {_usage(meta, formats)}"""
+
+
+def _history_section(meta: ModelMetadata) -> str:
+    """How the fit went and ended, and the learning curves (for folders that have them)."""
+    f = meta.fit
+    if f is None:
+        return ""
+    if f.stopped == STOPPED_PATIENCE:
+        how = (f"Stopped early after epoch {f.epochs_run} of {f.epochs_planned}: the validation loss had not "
+               f"improved for {f.patience} epoch(s) (`--patience {f.patience}`).")
+    else:
+        how = f"Ran all {f.epochs_run} epoch(s)."
+    kept = (f"This folder holds epoch {f.kept_epoch}'s weights, the lowest validation loss."
+            if f.kept_epoch == f.best_epoch else
+            f"This folder holds the last epoch's weights (epoch {f.kept_epoch}); the lowest validation loss "
+            f"was at epoch {f.best_epoch}.")
+    return f"""## Learning curves
+{how} {kept} Every epoch's losses, metrics, learning rate and time are in
+[`{HISTORY_FILE}`]({HISTORY_FILE}).
+
+![learning curves]({CURVES_FILE})
+"""
 
 
 def _usage(meta: ModelMetadata, formats) -> str:
@@ -263,9 +288,11 @@ def export_learner(learn, path: Path, keep_metrics: bool = True) -> Path:
 
 
 def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, training_seconds: float,
-                 device: str) -> Path:
-    """Write the model folder to `cfg.out`; returns its path."""
+                 device: str, history: list[dict] | None = None, fit: FitSummary | None = None) -> Path:
+    """Write the model folder to `cfg.out`; returns its path. `history` (train/runlog.py's rows) becomes
+    history.csv and learning_curves.png; `fit` says how the fit ended."""
     from train.learner import detach_training_callbacks
+    from train.runlog import plot_learning_curves, write_history
     out = Path(cfg.out).expanduser().resolve()
     with atomic_folder(out) as tmp:
         interp = metrics.pop("_interp")
@@ -273,6 +300,9 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
             _save_figures(interp, tmp, len(cache.vocab))
         examples = _save_examples(cache, tmp)
         multi = cache.multi_label
+        if history:
+            write_history(history, tmp / HISTORY_FILE)
+            plot_learning_curves(history, tmp / CURVES_FILE, fit.kept_epoch if fit else None)
 
         mean, std = [float(v) for v in mean], [float(v) for v in std]
         meta = ModelMetadata(
@@ -285,7 +315,7 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
             threshold=cfg.threshold if multi else None, best_f1_threshold=metrics.get("best_f1_threshold"),
             versions=library_versions(), config=cfg.as_portable_dict(), data=cache.summary.as_dict(), lr=lr,
             seed=cfg.seed, training_seconds=round(training_seconds, 1), device=device,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples)
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples, fit=fit)
 
         train_dls = learn.dls
         detach_training_callbacks(learn)

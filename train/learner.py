@@ -31,7 +31,9 @@ from fastcore.basics import noop
 from torchvision.models import resnet18
 
 from models.device import DeviceError, pick_device as _pick_device
+from train.runlog import History, epoch_ran
 from train.smallmaps import small_map_convs
+from train.stopping import BestEpoch, Patience, restore_best
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,22 @@ class EpochLines(Callback):
 
 class Checkpoint(Callback):
     """After every epoch, save model + optimiser + position atomically (temp file, then rename),
-    so Ctrl-C or a crash loses at most the epoch in progress."""
+    so Ctrl-C or a crash loses at most the epoch in progress. `state` (history, best epoch, patience
+    count: train/runlog.py, train/stopping.py) goes into the same file."""
     order = 65
 
     def __init__(self, path: Path, phase: str, state: dict):
         self.path, self.phase, self.state = Path(path), phase, state
 
+    def after_cancel_fit(self):
+        # Early stopping cancels the fit in its after_epoch (order 63), before this one's: save the
+        # finished epoch, and the stop, here.
+        if self.state.get("stopped"):
+            self.after_epoch()
+
     def after_epoch(self):
+        if not epoch_ran(self.recorder):  # skipped on --resume: nothing new to save
+            return
         metrics = dict(zip(self.recorder.metric_names[1:-1], self.recorder.log[1:-1]))
         self.state.setdefault("done", {})[self.phase] = self.epoch + 1
         self.state["metrics"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -231,23 +242,36 @@ def _shortcuts(learn: Learner):
     return small_map_convs(learn.model, enabled=next(learn.model.parameters()).device.type == "cpu")
 
 
+# What a checkpoint's state carries into the resumed run: epochs done per phase, the history rows,
+# the best epoch (and its weights with --patience), the patience count, and whether it stopped.
+RESUMED_STATE = ("done", "history", "best", "wait", "stopped")
+
+
 def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet: bool = False,
-        resume_from: dict | None = None) -> tuple[float, tuple | None]:
-    """Run the phases, checkpointing each epoch. Returns the seconds spent fitting, and the final
-    epoch's validation (raw outputs, targets), or None when no epoch was left to run."""
+        resume_from: dict | None = None, patience: int = 0) -> tuple[float, tuple | None]:
+    """Run the phases, checkpointing each epoch; with `patience`, stop when the validation loss has
+    not improved for that many epochs and end with the best epoch's weights (train/stopping.py).
+    `state["history"]` gets one row per epoch. Returns the seconds spent fitting, and the validation
+    (raw outputs, targets) of the weights the learner ends with, or None when it has none of them
+    (no epoch left to run, or the best epoch's weights restored)."""
     interactive = sys.stdout.isatty() and not quiet
     if not interactive and hasattr(learn, "progress"):
         learn.remove_cb(ProgressCallback)
     done = dict((resume_from or {}).get("done", {}))
+    state.setdefault("history", [])
     t0 = time.perf_counter()
-    keep = None
+    keep, first = None, 1
     for phase in phases:
-        start = done.get(phase.name, 0)
-        if start >= phase.epochs:
+        start, phase_first = done.get(phase.name, 0), first
+        first += phase.epochs
+        if start >= phase.epochs or state.get("stopped"):
             continue
         learn.freeze() if phase.frozen else learn.unfreeze()
         keep = KeepLastValidation()
-        cbs = [Checkpoint(ckpt_path, phase.name, state), keep]
+        cbs = [Checkpoint(ckpt_path, phase.name, state), keep, History(state["history"], phase.name, phase_first),
+               BestEpoch(state, keep_weights=patience > 0)]
+        if patience:
+            cbs.append(Patience(patience, state, write=noop if quiet else print))
         if quiet:
             learn.logger = noop
         elif not interactive:
@@ -258,4 +282,6 @@ def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet
             learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div,
                                 start_epoch=start, cbs=cbs)
         learn.logger = print
+    if restore_best(learn, state):
+        keep = None
     return time.perf_counter() - t0, (keep.result() if keep else None)
