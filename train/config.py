@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m train path/to/photos --epochs 5 --size 64 --out models/fashion\n"
                "  python -m train path/to/photos --pretrained --epochs 3 --out models/lotr\n"
                "  python -m train path/to/photos --init models/mnist --epochs 3\n"
-               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch",
+               "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch\n"
+               "  torchrun --nproc_per_node 4 -m train path/to/photos   # 4 GPUs (or accelerate launch -m train)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="'mnist', or a folder with one sub-folder per class (optionally inside "
                                   "train/ + valid/ or training/ + testing/)")
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tuning 2e-3; with --resume, the checkpoint's)")
     p.add_argument("--bs", "--batch-size", dest="bs", type=positive_int, default=0,
                    help=f"batch size (default: MNIST {MNIST_DEFAULTS['bs']}, {MNIST_ONE_EPOCH['bs']} for one epoch; "
-                        f"photos {PHOTO_DEFAULTS['bs']})")
+                        f"photos {PHOTO_DEFAULTS['bs']}). Per process: under torchrun or accelerate launch the "
+                        "effective batch is bs x the number of processes, and --lr is used as given, not scaled "
+                        "(divide --bs by the number of processes to keep a one-process run's batch)")
     p.add_argument("--size", type=positive_int, default=0,
                    help="image size in pixels, images are squished to size x size "
                         "(default: MNIST 28, photos 128, with --pretrained 224)")

@@ -111,7 +111,7 @@ A {meta.arch} image classifier for {len(meta.classes)} classes, {how} with fasta
 {d['source']}. Validation accuracy: **{m.valid_accuracy:.2%}** on {m.n_valid} images.
 
 ## Training
-- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {cfg['bs']}, seed {cfg['seed']}
+- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {_batch(cfg['bs'], meta.world_size)}, seed {cfg['seed']}
 - images squished to {meta.image_size}x{meta.image_size} px, normalised with mean {mean}, std {std}
 - augmentation: {'on' if cfg['augment'] else 'off'}; device: {meta.device}; training time: {meta.training_seconds:.0f} s
 - {d['n_train']} training and {d['n_valid']} validation images; {d['n_skipped']} unreadable file(s) skipped
@@ -133,6 +133,10 @@ python -m serve path/to/this/folder            # web app + HTTP API
 python -m serve.predict path/to/this/folder image.jpg --top-k 3
 ```
 {_usage(meta, formats)}"""
+
+
+def _batch(bs: int, world_size: int) -> str:
+    return str(bs) if world_size == 1 else f"{bs * world_size} ({bs} in each of {world_size} processes)"
 
 
 def _usage(meta: ModelMetadata, formats) -> str:
@@ -209,6 +213,7 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
                  device: str) -> Path:
     """Write the model folder to `cfg.out`; returns its path."""
     from train.learner import detach_training_callbacks
+    from train.distributed import world_size
     out = Path(cfg.out).expanduser().resolve()
     with atomic_folder(out) as tmp:
         interp = metrics.pop("_interp")
@@ -224,7 +229,8 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
             normalize=Normalization(mean=mean, std=std), metrics=Metrics(**metrics),
             versions=library_versions(), config=cfg.as_portable_dict(), data=cache.summary.as_dict(), lr=lr,
             seed=cfg.seed, training_seconds=round(training_seconds, 1), device=device,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples)
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples,
+            world_size=world_size())
 
         train_dls = learn.dls
         detach_training_callbacks(learn)
