@@ -228,8 +228,8 @@ def _convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _trainer_classes():
-    """fastai's `DistributedTrainer` and `DistributedDL`, with the fixes below (imported on first use:
-    a one-process run never loads Accelerate)."""
+    """fastai's `DistributedTrainer`, and its `DistributedDL` as `.dl_class`, with the fixes below
+    (imported on first use: a one-process run never loads Accelerate)."""
     from fastai.distributed import DistributedDL, DistributedTrainer, _round_to_multiple
     from fastai.torch_core import find_bs
 
@@ -263,8 +263,10 @@ def _trainer_classes():
             finally:
                 self.sync_bn = sync
 
+        dl_class = RankDL
+
         def _wrap_dl(self, dl):
-            return dl if isinstance(dl, DistributedDL) else RankDL(dl, device=self.learn.model.device)
+            return dl if isinstance(dl, DistributedDL) else self.dl_class(dl, device=self.learn.model.device)
 
         def before_epoch(self):
             self.batches, self.images = 0, 0
