@@ -84,12 +84,10 @@ def setup(device: torch.device) -> torch.device:
                              f"{n} processes per machine (--nproc_per_node / --num_processes)")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    else:
-        # Trap 1: Accelerate wraps a model in DDP on CPUs only when told to use them; without it,
-        # fastai's Accelerator finds no GPU and trains each process alone, silently. Set here, before
-        # the first Accelerator (fastai makes one per fit), so every one of them agrees.
-        os.environ["ACCELERATE_USE_CPU"] = "1"
     from accelerate import PartialState
+    # Trap 1: Accelerate wraps a model in DDP on CPUs only when told to use them (cpu=True, or
+    # ACCELERATE_USE_CPU=1); fastai's Accelerator() says neither, finds no GPU and lets each process
+    # train alone, silently. The first state made here is shared by every Accelerator after it.
     PartialState(cpu=device.type == "cpu", timeout=TIMEOUT)  # init_process_group from torchrun's env://
     log.info("process %d of %d on %s (%s)", rank(), world_size(), device, dist.get_backend())
     return device
