@@ -122,6 +122,17 @@ def test_one_model_folder_that_says_so_and_predicts(two_processes, mnist_folder,
     assert got >= 0.3, f"a model that learnt nothing: {got:.0%} on 10 classes"
 
 
+def test_world_size_in_the_schema_reads_old_folders(two_processes):
+    """metadata.json's world_size: a folder written before it was recorded reads as one process."""
+    from models.contract import ModelFolderError, ModelMetadata
+    raw = json.loads((two_processes[1] / "metadata.json").read_text())
+    assert ModelMetadata.from_dict(raw).world_size == 2
+    del raw["world_size"]
+    assert ModelMetadata.from_dict(raw).world_size == 1
+    with pytest.raises(ModelFolderError, match="world_size 0 is not a number of processes"):
+        ModelMetadata.from_dict({**raw, "world_size": 0})
+
+
 def test_a_rank_0_error_stops_every_rank_at_once(tmp_path):
     """Rank 0 reads the data first; its error must reach rank 1 waiting for it (fastai's barrier
     would keep rank 1 there until the process group's timeout)."""
@@ -175,8 +186,8 @@ def test_ctrl_c_leaves_a_checkpoint_that_resume_finishes(mnist_folder, tmp_path)
     assert sorted(p.name for p in out.parent.iterdir()) == ["digits"]
 
 
-@pytest.mark.slow  # one more 2-process run (~1 min)
-def test_accelerate_launch(mnist_folder, tmp_path):
+@pytest.mark.slow  # one more 2-process run (~1-2 min)
+def test_accelerate_launch_and_lr_find(mnist_folder, tmp_path):
     """`accelerate launch --multi_gpu` starts the processes through torch's launcher, as on GPUs; on a
     CPU box our code moves them to gloo. (`--cpu` alone starts one process: Accelerate's multi-CPU
     launch goes through MPI.)"""
@@ -184,11 +195,18 @@ def test_accelerate_launch(mnist_folder, tmp_path):
     accelerate = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                   "--main_process_port", "0"]
-    r = subprocess.run([*accelerate, "-m", "train", str(mnist_folder), *TRAIN[2:], "--epochs", "1", "--out", str(out)],
+    # --lr auto: lr_find on rank 0 alone (fastai would wait for the others in it), its pick sent to rank 1
+    r = subprocess.run([*accelerate, "-m", "train", str(mnist_folder), "--size", "28", "--bs", "8", "--no-augment",
+                        "--epochs", "1", "--lr", "auto", "--out", str(out)],
                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(rank_lines(r.stderr, "epoch 1/1: this rank trained on 144 of the 300")) == [0, 1]
-    assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["world_size"] == 2
+    picked = re.findall(r"^lr_find suggests (\S+); using it$", r.stdout, re.M)
+    assert len(picked) == 1 and meta["lr"] == pytest.approx(float(picked[0]), rel=0.01)
+    digests = rank_lines(r.stderr, "parameters after training")
+    assert digests[0] == digests[1]  # the same rate on both ranks, or their Adam steps would differ
 
 
 # --------------------------------------------------------------------------- the pieces, in one process

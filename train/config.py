@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint: the same source, --out and "
                         "settings (a changed --seed, --valid-pct, --lr, --augment, --no-flip, --size, --bs, "
-                        "--epochs... is refused); --device, --workers and --quiet may differ")
+                        "--epochs... is refused, and so is another number of processes under torchrun); --device, "
+                        "--workers and --quiet may differ")
     p.add_argument("--mnist-dir", default="", help="local MNIST copy (folder layout or IDX files); default $MNIST_DIR")
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="image-decoding threads (default, or 0: 2 x cores, at most 8)")
