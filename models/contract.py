@@ -149,6 +149,7 @@ class ModelMetadata:
     training_seconds: float | None = None
     device: str | None = None
     created: str | None = None  # ISO 8601, UTC
+    world_size: int = 1         # processes that trained it together (torchrun / accelerate launch); 1 before it was recorded
     examples: list[str] = field(default_factory=list)  # paths relative to the folder
     fit: FitSummary | None = None  # None in folders exported before early stopping existed
     task: str = "image-classification"
@@ -233,6 +234,8 @@ class ModelMetadata:
             raise _SchemaError(f"fit.stopped {self.fit.stopped!r} is not one of {', '.join(STOP_REASONS)}")
         if self.resize_method not in RESIZE_METHODS:
             raise _SchemaError(f"resize_method {self.resize_method!r} is not one of {', '.join(RESIZE_METHODS)}")
+        if self.world_size < 1:
+            raise _SchemaError(f"world_size {self.world_size} is not a number of processes (1 or more)")
         if not 1 <= self.image_size <= 4096:
             raise _SchemaError(f"image_size {self.image_size} is not between 1 and 4096 px")
         n = self.input_channels

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m train path/to/photos --init models/mnist --epochs 3\n"
                "  python -m train path/to/photos --epochs 30 --patience 3   # stop when valid loss stalls\n"
                "  python -m train mnist --resume        # after Ctrl-C: continue from the last epoch\n"
-               "  python -m train path/to/images --labels labels.csv   # file,label rows; 'a b' cells: multi-label",
+               "  python -m train path/to/images --labels labels.csv   # file,label rows; 'a b' cells: multi-label\n"
+               "  torchrun --nproc_per_node 4 -m train path/to/photos   # 4 GPUs (or accelerate launch -m train)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="'mnist', or a folder with one sub-folder per class (optionally inside "
                                   "train/ + valid/ or training/ + testing/)")
@@ -171,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "fine-tuning 2e-3; with --resume, the checkpoint's)")
     p.add_argument("--bs", "--batch-size", dest="bs", type=positive_int, default=0,
                    help=f"batch size (default: MNIST {MNIST_DEFAULTS['bs']}, {MNIST_ONE_EPOCH['bs']} for one epoch; "
-                        f"photos {PHOTO_DEFAULTS['bs']})")
+                        f"photos {PHOTO_DEFAULTS['bs']}). Per process: under torchrun or accelerate launch the "
+                        "effective batch is bs x the number of processes, and --lr is used as given, not scaled "
+                        "(divide --bs by the number of processes to keep a one-process run's batch)")
     p.add_argument("--size", type=positive_int, default=0,
                    help="image size in pixels, images are squished to size x size "
                         "(default: MNIST 28, photos 128, with --pretrained 224)")
@@ -197,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last checkpoint: the same source, --out and "
                         "settings (a changed --seed, --valid-pct, --lr, --augment, --no-flip, --size, --bs, "
-                        "--epochs, --patience... is refused); --device, --workers and --quiet may differ")
+                        "--epochs, --patience... is refused, and so is another number of processes under torchrun); "
+                        "--device, --workers and --quiet may differ")
     p.add_argument("--patience", type=non_negative_int, default=None, metavar="N",
                    help="early stopping: stop when the validation loss has not improved for N epochs, and "
                         "export the epoch with the lowest validation loss instead of the last (counted over "

@@ -161,7 +161,7 @@ A {meta.arch} {kind} for {len(meta.classes)} classes, {how} with fastai on
 {d['source']}. {scored}
 
 ## Training
-- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {cfg['bs']}, seed {cfg['seed']}
+- {cfg['epochs']} epoch(s), one-cycle schedule, peak learning rate {meta.lr:g}, batch size {_batch(cfg['bs'], meta.world_size)}, seed {cfg['seed']}
 - images squished to {meta.image_size}x{meta.image_size} px, normalised with mean {mean}, std {std}
 - augmentation: {'on' if cfg['augment'] else 'off'}; device: {meta.device}; training time: {meta.training_seconds:.0f} s
 - {d['n_train']} training and {d['n_valid']} validation images; {d['n_skipped']} unreadable file(s) skipped
@@ -201,6 +201,10 @@ def _history_section(meta: ModelMetadata) -> str:
 
 ![learning curves]({CURVES_FILE})
 """
+
+
+def _batch(bs: int, world_size: int) -> str:
+    return str(bs) if world_size == 1 else f"{bs * world_size} ({bs} in each of {world_size} processes)"
 
 
 def _usage(meta: ModelMetadata, formats) -> str:
@@ -293,6 +297,7 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
     history.csv and learning_curves.png; `fit` says how the fit ended."""
     from train.learner import detach_training_callbacks
     from train.runlog import plot_learning_curves, write_history
+    from train.distributed import world_size
     out = Path(cfg.out).expanduser().resolve()
     with atomic_folder(out) as tmp:
         interp = metrics.pop("_interp")
@@ -315,7 +320,8 @@ def export_model(learn, cache, cfg, metrics: dict, mean, std, lr: float, trainin
             threshold=cfg.threshold if multi else None, best_f1_threshold=metrics.get("best_f1_threshold"),
             versions=library_versions(), config=cfg.as_portable_dict(), data=cache.summary.as_dict(), lr=lr,
             seed=cfg.seed, training_seconds=round(training_seconds, 1), device=device,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples, fit=fit)
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), examples=examples, fit=fit,
+            world_size=world_size())
 
         train_dls = learn.dls
         detach_training_callbacks(learn)

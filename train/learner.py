@@ -32,6 +32,7 @@ from torchvision.models import resnet18
 
 from models.device import DeviceError, pick_device as _pick_device
 from train.runlog import History, epoch_ran
+from train import distributed
 from train.smallmaps import small_map_convs
 from train.stopping import BestEpoch, Patience, restore_best
 
@@ -118,6 +119,7 @@ class KeepLastValidation(Callback):
     def before_validate(self):
         self.preds, self.targs = [], []
         self.last = self.epoch == self.n_epoch - 1
+        self.n = len(self.dl.dataset)  # the whole validation set, on one process or several
 
     def after_batch(self):
         if self.training or not self.last:
@@ -128,13 +130,16 @@ class KeepLastValidation(Callback):
     def result(self):
         if not getattr(self, "last", False) or not self.preds:
             return None
-        return torch.cat(self.preds), torch.cat(self.targs)
+        # on several processes each saw its share: the whole validation set's, in order
+        return distributed.gather_in_order((torch.cat(self.preds), torch.cat(self.targs)), self.n)
 
 
 def save_checkpoint(learn: Learner, path: Path, state: dict) -> None:
+    if not distributed.is_main():
+        return  # on several processes rank 0 writes (their models are equal), and every rank reads it back
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"model": learn.model.state_dict(),
+    torch.save({"model": distributed.unwrap(learn.model).state_dict(),  # the plain model's keys, not DDP's
                 "opt": learn.opt.state_dict() if learn.opt is not None else None,
                 "state": state}, tmp)
     os.replace(tmp, path)
@@ -254,6 +259,7 @@ def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet
     `state["history"]` gets one row per epoch. Returns the seconds spent fitting, and the validation
     (raw outputs, targets) of the weights the learner ends with, or None when it has none of them
     (no epoch left to run, or the best epoch's weights restored)."""
+    quiet = quiet or not distributed.is_main()  # on several processes rank 0 alone reports
     interactive = sys.stdout.isatty() and not quiet
     if not interactive and hasattr(learn, "progress"):
         learn.remove_cb(ProgressCallback)
@@ -278,7 +284,7 @@ def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet
             cbs.append(EpochLines(prefix=f"[{phase.name}] " if len(phases) > 1 else ""))
         if start:
             log.info("resuming phase %s at epoch %d/%d", phase.name, start + 1, phase.epochs)
-        with _shortcuts(learn):
+        with _shortcuts(learn), distributed.distrib_ctx(learn):  # each rank trains on its share (if several)
             learn.fit_one_cycle(phase.epochs, phase.lr, pct_start=phase.pct_start, div=phase.div,
                                 start_epoch=start, cbs=cbs)
         learn.logger = print

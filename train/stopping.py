@@ -17,6 +17,7 @@ from fastai.callback.core import CancelFitException
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 
 from models.contract import STOPPED_COMPLETED, STOPPED_PATIENCE, FitSummary
+from train import distributed
 from train.runlog import epoch_ran
 
 MONITOR = "valid_loss"  # lower is better (fastai's TrackerCallback picks np.less for a loss)
@@ -40,6 +41,7 @@ class BestEpoch(TrackerCallback):
         if not epoch_ran(self.recorder):  # fastai's trackers would index an empty record here
             return
         super().after_epoch()
+        self.new_best = distributed.agree(self.new_best)  # one decision on several processes
         if self.new_best:
             best = {"epoch": self.state["history"][-1]["epoch"], MONITOR: float(self.best)}
             if self.keep_weights:
@@ -64,6 +66,7 @@ class Patience(EarlyStoppingCallback):
             return
         # EarlyStoppingCallback.after_epoch, less its message (which numbers epochs per phase, from 0)
         TrackerCallback.after_epoch(self)
+        self.new_best = distributed.agree(self.new_best)  # one decision on several processes
         self.wait = 0 if self.new_best else self.wait + 1
         self.state["wait"] = self.wait
         if self.wait >= self.patience:
