@@ -60,12 +60,13 @@ class Limits:
     # limit arrives over loopback in under a second).
     body_timeout_s: float = 10.0
     # Images waiting for the model (serve/batcher.py); more: 503 with Retry-After. Four full
-    # passes: the default --max-files fits with room, and on 2 cores the last image waits
-    # ~0.1 s for a digit model, a few s for a 224 px one (bench/serve_load.py's overload phase).
+    # passes, room for the largest request (--max-files); the MNIST model ran 160-320 images/s
+    # on 2 busy cores under bench/serve_load.py's overload, so the last image waits 1-2 s.
     max_queue: int = 256
     # Seconds a request may wait in that queue for its first forward pass; longer: 503 (the
-    # client would rather retry than read a late answer). Under --grace, so that what is
-    # queued at a SIGTERM is answered before the process exits.
+    # client would rather retry than read a late answer). Over the queue's own wait above, so
+    # it acts for slower models and devices; under --grace, so that what is queued at a
+    # SIGTERM is answered before the process exits.
     queue_timeout_s: float = 5.0
 
     @property
