@@ -14,6 +14,16 @@ MNIST digit per request, together `--requests` requests per phase (each phase al
                more of the machine to the server. Target: 0 errors.
   gradio_noop  the same app and clients, with functions that do nothing (a second server).
                Target: gradio >= 0.8 x gradio_noop.
+  overload     more work than the model can do: `--overload-clients` keep-alive clients, each
+               sending `--overload-files` digits per request without pause, for
+               `--overload-seconds`, against two servers in turn: one with the model's queue
+               bounded by `--max-queue` (the server's default unless `--overload-queue`), one
+               unbounded (`--max-queue` and `--timeout` out of reach). Reported for each: p50/p99
+               of the 200s, how many 503s (each with Retry-After) and any other answer, and what
+               /metrics said during the run (polled every 0.2 s: the deepest queue seen, the
+               rejections by reason, the forward passes). A client told 503 waits its
+               Retry-After (`--overload-retry at-once`: retries at once). Targets: only 200s and
+               503s, and the p99 with the bound below the p99 without it.
 
 Every answer is checked: status 200, and its label equal to the digit's true label for digits the
 model gets right offline (the Predictor is the oracle). The server's memory (RSS, peak) is read
@@ -52,19 +62,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, noop: bool = False, timeout: float = 180.0) -> tuple[subprocess.Popen, int]:
-    """`python -m serve MODEL` (or this script's --serve-noop twin) on a free port; waits for /v1/health."""
+def start_server(model: str, noop: bool = False, timeout: float = 180.0, args: tuple = ()) -> tuple[subprocess.Popen, int]:
+    """`python -m serve MODEL *args` (or this script's --serve-noop twin) on a free port; waits for /v1/health."""
     port = free_port()
     if noop:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-noop", model, "--port", str(port)]
     else:
-        cmd = [sys.executable, "-m", "serve", model, "--port", str(port), "--quiet"]
+        cmd = [sys.executable, "-m", "serve", model, "--port", str(port), "--quiet", *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The server's log goes to a file: a pipe nobody reads fills up and then blocks the server.
+    log_file = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            log_file.seek(0)
+            raise SystemExit(f"server exited with {proc.returncode}: {log_file.read()[-2000:]}")
         try:
             conn = http.client.HTTPConnection(HOST, port, timeout=2)
             conn.request("GET", "/v1/health")
@@ -129,6 +142,7 @@ class Client:
             try:
                 self.conn.request(method, path, body=body, headers=headers or {})
                 resp = self.conn.getresponse()
+                self.last_headers = {k.lower(): v for k, v in resp.getheaders()}
                 return resp.status, resp.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.conn.close()
@@ -240,6 +254,108 @@ def run_phase(name: str, port: int, protocol: str, digits: list, n_requests: int
     return result
 
 
+def scrape(port: int) -> dict:
+    """GET /metrics, parsed by prometheus_client: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def run_overload(name: str, port: int, digits: list, n_clients: int, n_files: int, seconds: float,
+                 honour_retry_after: bool = True) -> dict:
+    """`n_clients` clients send `n_files` digits per request, back to back, for `seconds`; /metrics
+    is polled meanwhile. Latencies are of the 200s; the 503s and anything else are counted. A
+    client told 503 waits the Retry-After it was given (`honour_retry_after`), as a well-behaved
+    client does, or retries at once."""
+    lock = threading.Lock()
+    ok, busy, other, retry_after = [], [], [], set()
+    bodies = []
+    for i in range(16):  # a few request bodies, built once
+        boundary = uuid.uuid4().hex
+        parts = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{j}.png\"\r\n"
+                         f"Content-Type: image/png\r\n\r\n".encode() + digits[(i * n_files + j) % len(digits)][0] + b"\r\n"
+                         for j in range(n_files))
+        bodies.append((parts + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"))
+    start = scrape(port)
+    deadline = time.monotonic() + seconds
+    depth = []
+
+    late = []  # scrapes not answered within 10 s: the event loop is that busy
+
+    def poll():
+        while time.monotonic() < deadline:
+            try:
+                depth.append(_value(scrape(port), "serve_queue_images"))
+            except OSError:
+                late.append(1)
+            time.sleep(0.2)
+
+    def worker(k: int):
+        client = Client(port)
+        i = k
+        while time.monotonic() < deadline:
+            body, ctype = bodies[i % len(bodies)]
+            i += 1
+            t = time.perf_counter()
+            try:
+                status, data = client.request("POST", "/v1/predict", body, {"Content-Type": ctype})
+                headers = client.last_headers
+            except Exception as e:
+                with lock:
+                    other.append(f"{type(e).__name__}: {e}")
+                continue
+            elapsed = time.perf_counter() - t
+            with lock:
+                if status == 200:
+                    ok.append(elapsed)
+                elif status == 503:
+                    busy.append(elapsed)
+                    retry_after.add(headers.get("retry-after"))
+                else:
+                    other.append(f"HTTP {status}: {data[:120]!r}")
+            if status == 503 and honour_retry_after:
+                time.sleep(max(0.0, min(float(headers.get("retry-after") or 0), deadline - time.monotonic())))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)] + [threading.Thread(target=poll)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    end = scrape(port)
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return round(xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] * 1e3, 1) if xs else None
+
+    rejected = {dict(k[1])["reason"]: v - start.get(k, 0.0) for k, v in end.items()
+                if k[0] == "serve_rejected_total" and v - start.get(k, 0.0)}
+    passes = _value(end, "serve_forward_seconds_count") - _value(start, "serve_forward_seconds_count")
+    images = _value(end, "serve_batch_images_sum") - _value(start, "serve_batch_images_sum")
+    result = {"clients": n_clients, "files_per_request": n_files, "honour_retry_after": honour_retry_after,
+              "seconds": round(wall, 1),
+              "ok": len(ok), "busy_503": len(busy), "other": len(other),
+              "ok_per_s": round(len(ok) / wall, 1), "images_per_s": round(images / wall, 1),
+              "p50_ms": pct(ok, 0.5), "p99_ms": pct(ok, 0.99), "busy_p99_ms": pct(busy, 0.99),
+              "retry_after": sorted(r for r in retry_after if r is not None),
+              "metrics": {"queue_images_max": max(depth, default=None), "scrapes": len(depth),
+                          "scrapes_over_10s": len(late), "rejected": rejected,
+                          "forward_passes": passes, "images_per_pass": round(images / passes, 1) if passes else None}}
+    if other:
+        result["first_other"] = other[:3]
+    log.info("%s: %s", name, result)
+    return result
+
+
+def _value(metrics: dict, name: str) -> float:
+    return metrics.get((name, ()), 0.0)
+
+
 def load_digits(model: str, folder: Path, n: int = 256) -> list[tuple[bytes, str, str | None]]:
     """n MNIST test digits as (PNG bytes, PNG file in `folder`, expected label): the label where
     the Predictor (offline) gets the digit right, else None (sent, but not checked)."""
@@ -276,7 +392,14 @@ def main(argv=None) -> dict:
     p.add_argument("--requests", type=int, default=2000, help="requests per phase")
     p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive clients")
     p.add_argument("--max-seconds", type=float, default=300, help="a phase stops after this long")
-    p.add_argument("--phases", default="http,gradio,gradio_noop")
+    p.add_argument("--phases", default="http,gradio,gradio_noop,overload")
+    p.add_argument("--overload-clients", type=int, default=64, help="clients of the overload phase")
+    p.add_argument("--overload-files", type=int, default=8, help="digits per request in the overload phase")
+    p.add_argument("--overload-seconds", type=float, default=20, help="length of each overload run")
+    p.add_argument("--overload-retry", choices=["after", "at-once"], default="after",
+                   help="an overload client told 503 waits its Retry-After (after), or retries at once")
+    p.add_argument("--overload-queue", type=int, default=None,
+                   help="--max-queue of the bounded overload run (default: the server's default)")
     p.add_argument("--gradio-clients", default="gradio_client,gradio_raw",
                    help="clients for the Gradio phases: gradio_client (the library, as the reference "
                         "figures were taken) and/or gradio_raw (the same protocol, lighter)")
@@ -304,6 +427,20 @@ def main(argv=None) -> dict:
             summary["forward_passes"] = {"passes": health["batches"], "images": health["images"]}
         finally:
             stop_server(proc)
+        if "overload" in phases:
+            from serve.limits import Limits
+            bound = args.overload_queue or Limits().max_queue
+            summary["overload"] = {}
+            for label, flags in ((f"max_queue_{bound}", ("--max-queue", bound)),
+                                 ("unbounded", ("--max-queue", 10 ** 9, "--timeout", 10 ** 6))):
+                proc, port = start_server(args.model, args=flags)
+                try:
+                    summary["overload"][label] = run_overload(f"overload ({label})", port, digits,
+                                                              args.overload_clients, args.overload_files,
+                                                              args.overload_seconds,
+                                                              args.overload_retry == "after")
+                finally:
+                    stop_server(proc)
         if "gradio_noop" in phases:
             unchecked = [(png, path, None) for png, path, _ in digits]
             proc, port = start_server(args.model, noop=True)
@@ -326,6 +463,11 @@ def main(argv=None) -> dict:
                                               summary["gradio_noop"][c]["requests_per_s"], 3) for c in gradio_clients}
         for c, ratio in summary["gradio_vs_noop"].items():
             targets[f"gradio_ge_0.8_noop ({c})"] = ratio >= 0.8
+    if "overload" in summary:
+        runs = summary["overload"]
+        targets["overload_only_200_503"] = all(r["other"] == 0 for r in runs.values())
+        bounded = next(r for k, r in runs.items() if k != "unbounded")
+        targets["overload_p99_bounded_lt_unbounded"] = (bounded["p99_ms"] or 0) < (runs["unbounded"]["p99_ms"] or 0)
     if "memory" in summary:
         targets["rss_lt_1.5GB"] = (summary["memory"]["peak_rss_mb"] or 0) < 1536
     summary["targets"] = targets

@@ -16,7 +16,7 @@ from models.cli import port_int, positive_float, positive_int, run_cli
 from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP, quiet_known_warnings, resolve_folder
 
 def build_parser() -> argparse.ArgumentParser:
-    from serve.app import UPLOAD_TTL
+    from serve.app import GRACE_S, UPLOAD_TTL
     from serve.limits import BODY_MIN_RATE, Limits
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=positive_float, default=d.body_timeout_s, metavar="S",
                    help=f"seconds a request body may take, plus 1 s per {BODY_MIN_RATE // 1000} kB received; "
                         f"slower: 408 (default {d.body_timeout_s:g})")
+    p.add_argument("--max-queue", type=positive_int, default=d.max_queue, metavar="N",
+                   help=f"images waiting for the model, API and UI together; a request beyond is refused at once "
+                        f"with 503 and Retry-After (default {d.max_queue}: four full passes, at least --max-files; "
+                        f"at the 160-320 images/s of the MNIST model on 2 busy cores, a wait of 1-2 s: "
+                        f"bench/serve_load.py)")
+    p.add_argument("--timeout", type=positive_float, default=d.queue_timeout_s, metavar="S",
+                   help=f"seconds a request may wait in that queue for the model; longer: 503, its images "
+                        f"dropped unrun (default {d.queue_timeout_s:g})")
+    p.add_argument("--grace", type=positive_float, default=GRACE_S, metavar="S",
+                   help=f"on SIGTERM or Ctrl-C: readiness 503, new requests 503, those received are answered, "
+                        f"exit 0 within this many seconds (default {GRACE_S:g}: under docker stop's 10 s, and "
+                        f"over --timeout plus a forward pass)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for forward passes (default: CPU cores minus one, left to the event loop)")
     p.add_argument("--upload-ttl", type=positive_int, default=UPLOAD_TTL, metavar="SECONDS",
@@ -59,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def serve(args) -> None:
+    from serve.limits import Limits
+    # First: flags that contradict each other fail before the model loads.
+    limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch,
+                    max_request_mb=args.max_request_mb, max_inflight_mb=args.max_inflight_mb,
+                    max_connections=args.max_connections, keep_alive_s=args.keep_alive,
+                    body_timeout_s=args.body_timeout, max_queue=args.max_queue, queue_timeout_s=args.timeout)
     from serve.predictor import Predictor, configure_threads
     # The event loop (HTTP parsing, Gradio's queue, decoding) keeps about one core busy under load.
     threads = configure_threads(1, args.threads)
@@ -68,13 +86,8 @@ def serve(args) -> None:
     logging.getLogger(__name__).info("loaded %s (%s): %d classes, on %s (%d thread(s))", predictor.name, format,
                                      len(predictor.classes), predictor.device, threads)
     from serve.app import launch
-    from serve.limits import Limits
-    limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch,
-                    max_request_mb=args.max_request_mb, max_inflight_mb=args.max_inflight_mb,
-                    max_connections=args.max_connections, keep_alive_s=args.keep_alive,
-                    body_timeout_s=args.body_timeout)
     launch(predictor, host=args.host, port=args.port, limits=limits, top_k=args.top_k,
-           upload_ttl=args.upload_ttl)
+           upload_ttl=args.upload_ttl, grace_s=args.grace)
 
 
 def main(argv=None) -> int:
@@ -86,5 +99,18 @@ def main(argv=None) -> int:
     return run_cli(lambda: serve(args), (ModelFolderError, ValueError))
 
 
+def exit_now(code: int) -> None:
+    """Exit with `code` once the atexit handlers have run, skipping the interpreter's teardown of
+    torch, fastai and Gradio: after a graceful shutdown it took 9 s on 2 busy cores, time that
+    counts against --grace and the process manager's SIGKILL, and frees nothing the exit does not."""
+    import atexit
+    import os
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -6,13 +6,17 @@
                {"labels": [every class above its threshold], "confidences": [every class, most likely first]}
         4xx -> {"error": "a reason fit for a person", "file": "name.png" (when one file is to blame)}
     GET  /v1/health            model name, classes, device, limits
+    (GET /v1/health/live, /v1/health/ready and /metrics are answered in front of this app, by
+    serve/lifecycle.py, so that they answer while the app starts and stops too.)
 
     curl -F files=@digit.png -F files=@other.jpg 'http://127.0.0.1:7860/v1/predict?top_k=3'
 
 Requests that arrive together share forward passes: each request decodes its own files (in a
 small thread pool, so a bad file fails only its own request), then queues the decoded tensors on a
-`MicroBatcher`, whose worker runs what is queued, at most `max_batch` images a pass, in a single
-model thread. Bodies are bounded before this module sees them by `serve.limits.RequestLimits`
+`MicroBatcher` (serve/batcher.py), whose worker runs what is queued, at most `max_batch` images a
+pass, in a single model thread; past `--max-queue` waiting images, or `--timeout` seconds of
+waiting, a request gets 503 with Retry-After. Bodies are bounded before this module sees them by
+`serve.limits.RequestLimits`
 (413 one request too large, 503 + Retry-After the server's budget for uploads in flight is full,
 408 a body too slow), one home for every route of the app.
 """
@@ -24,14 +28,15 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from fastapi import FastAPI, Request  # at module level: FastAPI resolves handler annotations by name
 from fastapi.responses import JSONResponse
 
 from models.imageio import ImageError
+from serve.batcher import MicroBatcher, Overloaded
 from serve.limits import InflightBudget, Limits, RequestLimits
+from serve.metrics import Metrics
 from serve.predictor import Predictor
 
 __all__ = ["Limits", "MicroBatcher", "RequestError", "Upload", "build_api", "read_uploads"]
@@ -43,11 +48,13 @@ TOP_K_DIGITS = 6  # top_k is 1 .. 999,999 (more than the classes means all of th
 
 
 class RequestError(Exception):
-    """A request we refuse: an HTTP status and a one-line reason."""
+    """A request we refuse: an HTTP status and a one-line reason; `reason`, for a refusal by a
+    limit, is what serve.metrics counts it as (any 413 is "too_large" unless told otherwise)."""
 
-    def __init__(self, status: int, message: str, file: str | None = None):
+    def __init__(self, status: int, message: str, file: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.status, self.message, self.file = status, message, file
+        self.reason = reason or ("too_large" if status == 413 else None)
 
     def as_json(self) -> dict:
         return {"error": self.message, **({"file": self.file} if self.file is not None else {})}
@@ -109,7 +116,8 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
             return  # other fields are ignored; after a refusal everything is
         if len(uploads) >= limits.max_files:
             refusal.append(RequestError(413, f"too many files: more than {limits.max_files} in one request "
-                                             f"(the limit is {limits.max_files}; send the rest in another)"))
+                                             f"(the limit is {limits.max_files}; send the rest in another)",
+                                        reason="too_many_files"))
             return
         name = part["filename"] or f"file {len(uploads) + 1}"
         uploads.append(Upload(name, chunks=[]))
@@ -164,119 +172,6 @@ async def read_uploads(request, limits: Limits) -> list[Upload]:
     return uploads
 
 
-# --------------------------------------------------------------------------- batching
-
-class _Pending:
-    """One submitted request in the batcher: its images, how many have run, their rows so far."""
-    __slots__ = ("items", "future", "wait", "done", "rows")
-
-    def __init__(self, items: list, future: asyncio.Future, wait: float):
-        self.items, self.future, self.wait, self.done, self.rows = items, future, wait, 0, []
-
-    @property
-    def left(self) -> int:
-        return len(self.items) - self.done
-
-
-class MicroBatcher:
-    """Group the tensors of concurrent requests into forward passes of at most `max_batch` images.
-
-    `submit` queues a request's prepared images and awaits their rows of probabilities. One worker
-    task takes the first waiting request, then everything else queued within `max_wait_ms`, and
-    runs `run_batch` on up to `max_batch` of their images, oldest request first, in a single
-    dedicated thread (the event loop keeps accepting requests meanwhile; those join the next pass).
-    A request with more images than a pass holds spans several passes, and so may the last request
-    that fits only in part: `max_batch` is a cap on every pass, which bounds the memory of a pass
-    (activations grow with the batch). Under load the passes fill by themselves; a lone request
-    waits at most `max_wait_ms`."""
-
-    def __init__(self, run_batch: Callable[[Sequence[torch.Tensor]], torch.Tensor], max_batch: int = 64,
-                 max_wait_ms: float = 2.0):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        self.run_batch, self.max_batch, self.max_wait = run_batch, max_batch, max_wait_ms / 1000
-        self._queue: asyncio.Queue | None = None
-        self._task: asyncio.Task | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
-        self.batches = 0  # forward passes run, images through them, the largest pass: for /v1/health and tests
-        self.images = 0
-        self.largest = 0
-
-    async def submit(self, items: Sequence[torch.Tensor], max_wait_ms: float | None = None) -> torch.Tensor:
-        """Queue one request's prepared images; returns their rows of probabilities, in order. A
-        pass that this request opens waits `max_wait_ms` (default: the batcher's) for company."""
-        items = list(items)
-        if not items:
-            raise ValueError("no images to run")
-        if self._task is None or self._task.done():  # started lazily, inside the server's event loop
-            self._queue = asyncio.Queue()
-            self._task = asyncio.get_running_loop().create_task(self._work(), name="micro-batcher")
-        future = asyncio.get_running_loop().create_future()
-        wait = self.max_wait if max_wait_ms is None else max_wait_ms / 1000
-        await self._queue.put(_Pending(items, future, wait))
-        return await future
-
-    async def _work(self):
-        loop = asyncio.get_running_loop()
-        waiting: list[_Pending] = []  # requests with images still to run, oldest first
-        while True:
-            if not waiting:
-                waiting.append(await self._queue.get())
-                deadline = loop.time() + waiting[0].wait
-            else:
-                deadline = loop.time()  # leftovers of a request run at once; only what is queued joins
-            n = sum(r.left for r in waiting)
-            while n < self.max_batch:
-                try:
-                    entry = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        entry = await asyncio.wait_for(self._queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                waiting.append(entry)
-                n += entry.left
-            waiting = [r for r in waiting if not r.future.done()]  # drop cancelled requests
-            if not waiting:
-                continue
-            taken, room = [], self.max_batch  # (request, its first image in this pass, how many)
-            for r in waiting:
-                k = min(room, r.left)
-                taken.append((r, r.done, k))
-                room -= k
-                if room == 0:
-                    break
-            flat = [t for r, start, k in taken for t in r.items[start:start + k]]
-            try:
-                probs = await loop.run_in_executor(self._thread, self.run_batch, flat)
-            except Exception as e:  # a failed forward pass fails its requests, never the worker
-                log.exception("forward pass over %d images failed", len(flat))
-                for r, _, _ in taken:
-                    if not r.future.done():
-                        r.future.set_exception(e)
-                waiting = [r for r in waiting if not r.future.done()]
-                continue
-            self.batches += 1
-            self.images += len(flat)
-            self.largest = max(self.largest, len(flat))
-            i = 0
-            for r, _, k in taken:
-                r.rows.append(probs[i:i + k])
-                r.done += k
-                i += k
-                if r.left == 0 and not r.future.done():
-                    r.future.set_result(r.rows[0] if len(r.rows) == 1 else torch.cat(r.rows))
-            waiting = [r for r in waiting if r.left and not r.future.done()]
-
-    def close(self):
-        if self._task is not None:
-            self._task.cancel()
-        self._thread.shutdown(wait=False, cancel_futures=True)
-
-
 # --------------------------------------------------------------------------- the routes
 
 def parse_top_k(value: str | None) -> int | None:
@@ -298,11 +193,14 @@ def _status_for(err: ImageError) -> int:
 
 
 def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: int = 2,
-              batcher: MicroBatcher | None = None):
+              batcher: MicroBatcher | None = None, metrics: Metrics | None = None):
     """A FastAPI app with the /v1 routes. The Gradio UI is mounted on it by `serve.app`, and
     shares `batcher` (made here if not given) so that UI and API requests share forward passes.
-    `RequestLimits` sits in front of the whole app, so it bounds the bodies of Gradio's routes too."""
-    batcher = batcher or MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms)
+    `RequestLimits` sits in front of the whole app, so it bounds the bodies of Gradio's routes too.
+    Refusals by a limit are counted on `metrics` (serve.metrics; made here if not given)."""
+    metrics = metrics or Metrics(predictor.name, predictor.format, str(predictor.device))
+    batcher = batcher or MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms,
+                                      max_queue=limits.max_queue, timeout_s=limits.queue_timeout_s, metrics=metrics)
     budget = InflightBudget(limits.max_inflight_bytes)
     decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
 
@@ -314,13 +212,19 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
 
     app = FastAPI(title=f"{predictor.name} image classifier", docs_url="/v1/docs", redoc_url=None,
                   openapi_url="/v1/openapi.json", lifespan=lifespan)
-    app.state.predictor, app.state.batcher, app.state.limits = predictor, batcher, limits
-    app.add_middleware(RequestLimits, limits=limits, budget=budget)
+    app.state.predictor, app.state.batcher, app.state.limits, app.state.metrics = predictor, batcher, limits, metrics
+    app.add_middleware(RequestLimits, limits=limits, budget=budget, on_refuse=metrics.reject)
     started = time.time()
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, err: RequestError):
+        if err.reason is not None:
+            metrics.reject(err.reason)
         return JSONResponse(err.as_json(), status_code=err.status)
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, err: Overloaded):  # counted by the batcher, which refused it
+        return JSONResponse({"error": str(err)}, status_code=503, headers={"Retry-After": str(err.retry_after)})
 
     async def prepare(upload: Upload) -> torch.Tensor:
         data, upload.data = upload.data, None  # dropped once decoded, while the others still decode
@@ -340,6 +244,7 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
     async def predict(request: Request):
         top_k = parse_top_k(request.query_params.get("top_k"))
         uploads = await read_uploads(request, limits)
+        batcher.admit(len(uploads))  # a full queue refuses before the decoding, not after
         items = await asyncio.gather(*(prepare(u) for u in uploads))
         probs = await batcher.submit(items)
         preds = predictor.top_k(probs, top_k)
@@ -355,6 +260,7 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
                 "threshold": predictor.threshold, "limits": limits.as_dict(),
                 "uptime_s": round(time.time() - started, 1),
                 "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest,
+                "queued_images": batcher.queued, "peak_queued_images": batcher.peak_queue,
                 "inflight_mb": round(budget.held / 1e6, 3), "peak_inflight_mb": round(budget.peak / 1e6, 3)}
 
     return app

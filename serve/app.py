@@ -6,6 +6,8 @@
 
 Importing this module loads no model and starts nothing. The model is loaded once, by
 `build_app`, and shared by the UI, the API and their batchers through one `Predictor`.
+`launch` and `start_in_thread` serve it behind `serve.lifecycle.Lifecycle` (health probes,
+/metrics, the warm-up, the graceful shutdown on SIGTERM / Ctrl-C within `grace_s`).
 """
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.contract import EXAMPLES_DIR, ModelFolder
-from serve.api import MicroBatcher, build_api
+from serve.api import build_api
+from serve.batcher import MicroBatcher
 from serve.limits import Limits
+from serve.metrics import Metrics
 from serve.predictor import Predictor
 
 __all__ = ["build_app", "launch", "start_in_thread", "RunningServer", "Limits"]
@@ -30,6 +34,10 @@ log = logging.getLogger(__name__)
 # person who comes back; anyone's uploads are gone within two.
 UPLOAD_TTL = 3600
 _PREFIX = "serve-uploads-"
+# Seconds from SIGTERM / Ctrl-C to exit, at most. Under `docker stop`'s 10 s before its SIGKILL
+# (Kubernetes gives 30 s, systemd 90 s), and over what a request received needs to finish: a wait
+# in the model's queue of at most --timeout (5 s) plus its forward passes.
+GRACE_S = 8.0
 
 
 def _predictor(model, device) -> Predictor:
@@ -42,12 +50,15 @@ def _predictor(model, device) -> Predictor:
 
 def build_app(model: Path | str | ModelFolder | Predictor, device: str = "auto", *, limits: Limits = Limits(),
               top_k: int | None = None, gradio_batch: int | None = None, gradio_concurrency: int | None = 1,
-              queue_size: int = 1024, noop: bool = False, upload_ttl: int = UPLOAD_TTL):
+              queue_size: int | None = None, noop: bool = False, upload_ttl: int = UPLOAD_TTL,
+              metrics: Metrics | None = None):
     """Load the model (unless given a `Predictor`) and build the app: returns (fastapi_app, gradio_blocks).
 
-    `limits` bounds each HTTP request (files, MB per file) and each forward pass; Gradio uploads
-    get the same per-file limit. `queue_size` bounds Gradio's queue (more waiting requests get a
-    503 instead of growing memory). `noop` serves the same app with functions that do nothing,
+    `limits` bounds each HTTP request (files, MB per file), each forward pass and the model's
+    queue; Gradio uploads get the same per-file limit. `queue_size` bounds Gradio's queue (default
+    `limits.max_queue`: a Gradio request is one image, so Gradio holds at most as many as the
+    model's queue, and more get Gradio's "queue full" instead of growing memory). `metrics`
+    (serve.metrics) counts the forward passes and refusals. `noop` serves the same app with functions that do nothing,
     as the benchmark's baseline. Raises `ModelFolderError` for an unusable model folder.
 
     Gradio's uploads go to a folder of this app's own (see `_upload_folder`), removed when the
@@ -58,14 +69,16 @@ def build_app(model: Path | str | ModelFolder | Predictor, device: str = "auto",
     import gradio as gr
     from serve.ui import CSS, GRADIO_BATCH, build_ui
 
-    batcher = MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms)
-    api = build_api(predictor, limits, batcher=batcher)
+    metrics = metrics or Metrics(predictor.name, predictor.format, str(predictor.device))
+    batcher = MicroBatcher(predictor.probabilities, limits.max_batch, limits.max_wait_ms, max_queue=limits.max_queue,
+                           timeout_s=limits.queue_timeout_s, metrics=metrics)
+    api = build_api(predictor, limits, batcher=batcher, metrics=metrics)
     blocks = build_ui(predictor, top_k=top_k, max_batch=gradio_batch or GRADIO_BATCH, batcher=batcher,
                       concurrency=gradio_concurrency, noop=noop, upload_dir=uploads,
                       max_file_bytes=limits.max_file_bytes, delete_cache=(upload_ttl, upload_ttl))
     # api_open=False: `/gradio_api/run/predict` would run the endpoint beside the queue, skipping
     # its validator (the per-request refusal) and its bound on waiting requests.
-    blocks.queue(default_concurrency_limit=1, max_size=queue_size, api_open=False)
+    blocks.queue(default_concurrency_limit=1, max_size=queue_size or limits.max_queue, api_open=False)
     examples = predictor.folder.path / EXAMPLES_DIR
     app = gr.mount_gradio_app(api, blocks, path="/", max_file_size=limits.max_file_bytes, show_error=True, css=CSS,
                               allowed_paths=[str(examples.resolve())] if examples.is_dir() else None)
@@ -112,26 +125,57 @@ def _remove_at_shutdown(app, folder: Path) -> None:
     app.router.lifespan_context = lifespan
 
 
-def _uvicorn_config(app, host: str, port: int, log_level: str = "warning", limits: Limits = Limits()):
+def _uvicorn_config(app, host: str, port: int, log_level: str = "warning", limits: Limits = Limits(),
+                    metrics: Metrics | None = None, grace_s: float = GRACE_S):
     import uvicorn
     from serve.limits import guarded_protocol
     # No access log: a line per request costs more than a 28x28 forward pass. uvicorn's own
     # keep-alive closes idle connections; the guarded protocol adds the request-head deadline and
     # the connection cap that uvicorn lacks (see serve/limits.py).
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          timeout_keep_alive=limits.keep_alive_s, lifespan="on",
-                          http=guarded_protocol(limits.max_connections, limits.keep_alive_s))
+                          timeout_keep_alive=limits.keep_alive_s, lifespan="on", timeout_graceful_shutdown=grace_s,
+                          http=guarded_protocol(limits.max_connections, limits.keep_alive_s,
+                                                on_refuse=metrics.reject if metrics is not None else None))
+
+
+def build_server(model, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *,
+                 log_level: str = "warning", limits: Limits = Limits(), grace_s: float = GRACE_S, **build_kwargs):
+    """The uvicorn server of `launch`, not started: a `serve.lifecycle.GracefulServer` whose app is
+    a `Lifecycle` that builds the app (`build_app`) once HTTP is served, then warms it up with one
+    forward pass of a full batch (the largest pass's memory is taken before traffic, not during it)."""
+    from PIL import Image
+    from serve.lifecycle import GracefulServer, Lifecycle
+    predictor = _predictor(model, device)
+    metrics = Metrics(predictor.name, predictor.format, str(predictor.device))
+    built = {}
+
+    def build():
+        built["app"], built["blocks"] = build_app(predictor, limits=limits, metrics=metrics, **build_kwargs)
+        return built["app"]
+
+    async def warm_up(app):
+        blank = predictor.prepare(Image.new("RGB", (8, 8)))
+        await app.state.batcher.submit([blank] * min(limits.max_batch, limits.max_queue), max_wait_ms=0)
+
+    front = Lifecycle(metrics, build, warm_up)
+    server = GracefulServer(_uvicorn_config(front, host, port, log_level, limits, metrics, grace_s), front, grace_s)
+    server.built = built  # the app and the Gradio blocks, once built (start_in_thread's `stop` closes them)
+    return server
 
 
 def launch(model, host: str = "127.0.0.1", port: int = 7860, device: str = "auto", *, log_level: str = "warning",
-           limits: Limits = Limits(), **build_kwargs) -> None:
-    """Build the app and serve it until interrupted (what `python -m serve` runs)."""
-    import uvicorn
-    app, _ = build_app(model, device, limits=limits, **build_kwargs)
-    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level, limits))
+           limits: Limits = Limits(), grace_s: float = GRACE_S, **build_kwargs) -> None:
+    """Build the app and serve it until SIGTERM or Ctrl-C (what `python -m serve` runs), then
+    drain and return within `grace_s` seconds (serve/lifecycle.py)."""
+    server = build_server(model, host, port, device, log_level=log_level, limits=limits, grace_s=grace_s,
+                          **build_kwargs)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    log.info("serving on http://%s:%d  (UI at /, API at /v1/predict, docs at /v1/docs)", shown, port)
+    log.info("serving on http://%s:%d  (UI at /, API at /v1/predict, docs at /v1/docs, metrics at /metrics)",
+             shown, port)
     server.run()
+    if server.lifecycle.failed is not None:
+        raise SystemExit(1)  # the reason is logged already, with its traceback
+    log.info("stopped")
 
 
 @dataclass
@@ -140,8 +184,14 @@ class RunningServer:
     url: str
     server: object
     thread: threading.Thread
-    app: object
-    blocks: object
+
+    @property
+    def app(self):
+        return self.server.built.get("app")
+
+    @property
+    def blocks(self):
+        return self.server.built.get("blocks")
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
@@ -154,20 +204,19 @@ class RunningServer:
 
 def start_in_thread(model, host: str = "127.0.0.1", port: int = 0, device: str = "auto",
                     startup_timeout: float = 60.0, limits: Limits = Limits(), **build_kwargs) -> RunningServer:
-    """Serve in a background thread (tests, notebooks); port 0 picks a free port."""
+    """Serve in a background thread (tests, notebooks); port 0 picks a free port. Returns once
+    the server is ready (built and warmed up)."""
     import socket
-    import uvicorn
-    app, blocks = build_app(model, device, limits=limits, **build_kwargs)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(_uvicorn_config(app, host, port, limits=limits))
+    server = build_server(model, host, port, device, limits=limits, **build_kwargs)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+    while server.lifecycle.state != "ready":
+        if not thread.is_alive() or server.lifecycle.failed is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the server on {host}:{port} did not start")
         time.sleep(0.05)
-    return RunningServer(f"http://{host}:{port}", server, thread, app, blocks)
+    return RunningServer(f"http://{host}:{port}", server, thread)

@@ -59,6 +59,15 @@ class Limits:
     # A request body may take this long, plus 1 s per BODY_MIN_RATE bytes received (the 100 MB
     # limit arrives over loopback in under a second).
     body_timeout_s: float = 10.0
+    # Images waiting for the model (serve/batcher.py); more: 503 with Retry-After. Four full
+    # passes, room for the largest request (--max-files); the MNIST model ran 160-320 images/s
+    # on 2 busy cores under bench/serve_load.py's overload, so the last image waits 1-2 s.
+    max_queue: int = 256
+    # Seconds a request may wait in that queue for its first forward pass; longer: 503 (the
+    # client would rather retry than read a late answer). Over the queue's own wait above, so
+    # it acts for slower models and devices; under --grace, so that what is queued at a
+    # SIGTERM is answered before the process exits.
+    queue_timeout_s: float = 5.0
 
     @property
     def max_file_bytes(self) -> int:
@@ -68,6 +77,9 @@ class Limits:
         if self.max_inflight_mb < self.max_request_mb:
             raise ValueError(f"--max-inflight-mb ({self.max_inflight_mb:g}) must be at least --max-request-mb "
                              f"({self.max_request_mb:g}): else the largest request allowed could never be served")
+        if self.max_queue < self.max_files:
+            raise ValueError(f"--max-queue ({self.max_queue}) must be at least --max-files ({self.max_files}): "
+                             f"else the largest request allowed could never be queued")
 
     @property
     def max_body_bytes(self) -> int:
@@ -87,7 +99,8 @@ class Limits:
                 "max_batch": self.max_batch, "max_request_mb": self.max_request_mb,
                 "max_inflight_mb": self.max_inflight_mb, "max_connections": self.max_connections,
                 "keep_alive_s": self.keep_alive_s, "body_timeout_s": self.body_timeout_s,
-                "body_min_rate_kb_s": BODY_MIN_RATE / 1000}
+                "body_min_rate_kb_s": BODY_MIN_RATE / 1000, "max_queue": self.max_queue,
+                "queue_timeout_s": self.queue_timeout_s}
 
 
 # --------------------------------------------------------------------------- bytes in flight
@@ -135,11 +148,13 @@ class RequestLimits:
     Retry-After (drained, so that a client still sending reads the answer rather than a reset
     connection). A chunked body, or one that outgrows the budget while it arrives, is refused
     the moment it does. Every body must arrive by its deadline (`body_timeout_s`, +1 s per
-    `BODY_MIN_RATE` bytes), or 408. The bytes stay counted until the app has answered."""
+    `BODY_MIN_RATE` bytes), or 408. The bytes stay counted until the app has answered.
+    `on_refuse(reason)` hears of each refusal (serve.metrics' reasons: "too_large", ...)."""
 
-    def __init__(self, app, limits: Limits, budget: InflightBudget | None = None):
+    def __init__(self, app, limits: Limits, budget: InflightBudget | None = None, on_refuse=None):
         self.app, self.limits = app, limits
         self.budget = budget or InflightBudget(limits.max_inflight_bytes)
+        self.on_refuse = on_refuse or (lambda reason: None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -164,6 +179,7 @@ class RequestLimits:
 
         limits, loop = self.limits, asyncio.get_running_loop()
         if length is not None and length > limits.max_request_bytes:
+            self.on_refuse("too_large")
             return await self._send(send, *_response(413, _too_large(length, limits)))
         deadline = loop.time() + limits.body_timeout_s
         if length is not None and length > self.budget.free:
@@ -179,6 +195,7 @@ class RequestLimits:
                 received += len(msg.get("body", b""))
                 deadline += len(msg.get("body", b"")) / BODY_MIN_RATE
                 more = msg.get("more_body", False)
+            self.on_refuse("uploads_busy")
             return await self._send(send, *_busy(self.budget))
 
         held = 0
@@ -194,15 +211,18 @@ class RequestLimits:
             except asyncio.TimeoutError:
                 refusal.append(_response(408, f"request body too slow: not received within "
                                               f"{limits.body_timeout_s:g} s (+1 s per {BODY_MIN_RATE // 1000} kB)"))
+                self.on_refuse("body_timeout")
                 raise _Refused() from None
             if msg["type"] == "http.request":
                 n = len(msg.get("body", b""))
                 deadline += n / BODY_MIN_RATE
                 if held + n > limits.max_request_bytes:
                     refusal.append(_response(413, _too_large(held + n, limits, declared=False)))
+                    self.on_refuse("too_large")
                     raise _Refused()
                 if not self.budget.take(n):
                     refusal.append(_busy(self.budget))
+                    self.on_refuse("uploads_busy")
                     raise _Refused()
                 held += n
             return msg
@@ -249,7 +269,7 @@ _BUSY_CONNECTION = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: applicat
                     b"retry-after: %d\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s")
 
 
-def guarded_protocol(max_connections: int, head_timeout_s: float, base: type | None = None):
+def guarded_protocol(max_connections: int, head_timeout_s: float, base: type | None = None, on_refuse=None):
     """uvicorn's HTTP protocol class (`base`; by default httptools where installed, else h11, as
     uvicorn picks it), extended with a connection cap and a request-head deadline; pass it as
     `uvicorn.Config(http=...)`.
@@ -257,7 +277,8 @@ def guarded_protocol(max_connections: int, head_timeout_s: float, base: type | N
     - A connection beyond `max_connections` is answered 503 (JSON, Retry-After) and closed at once.
     - A connection has `head_timeout_s` from its start, and from each response's end, to deliver a
       complete request head (its headers); else it is closed. Once a request is being served, its
-      body is timed by `RequestLimits`, and a long response (Gradio's event stream) is left alone."""
+      body is timed by `RequestLimits`, and a long response (Gradio's event stream) is left alone.
+    `on_refuse("connections")` hears of each connection refused."""
     if base is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol as base
 
@@ -273,6 +294,8 @@ def guarded_protocol(max_connections: int, head_timeout_s: float, base: type | N
                 log.warning("refusing a connection: %d open (--max-connections)", len(self.connections) - 1)
                 transport.write(busy)
                 transport.close()
+                if on_refuse is not None:
+                    on_refuse("connections")
                 return
             self._arm_head_timer()
 

@@ -34,11 +34,9 @@ class Served:
         return self.log.read_text(errors="replace")
 
 
-@contextlib.contextmanager
-def serve_process(model, *args, env: dict | None = None, log: Path | None = None, timeout: float = 180,
-                  cwd: Path = ROOT, stop_timeout: float = 30):
-    """Start `python -m serve model --port P --quiet *args`, wait for /v1/health, yield a `Served`,
-    then stop it (SIGTERM, then SIGKILL). Fails the test if it exits or stays silent."""
+def spawn_serve(model, *args, env: dict | None = None, log: Path | None = None, cwd: Path = ROOT) -> Served:
+    """Start `python -m serve model --port P --quiet *args` and return at once (nothing waited
+    for: a test may watch the start-up). The caller stops it (`serve_process` does)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
     if log is None:
@@ -47,8 +45,16 @@ def serve_process(model, *args, env: dict | None = None, log: Path | None = None
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "serve", str(model), "--port", str(port), "--quiet", *map(str, args)],
                                 cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    served = Served(url, port, proc, log)
+    return Served(f"http://127.0.0.1:{port}", port, proc, log)
+
+
+@contextlib.contextmanager
+def serve_process(model, *args, env: dict | None = None, log: Path | None = None, timeout: float = 180,
+                  cwd: Path = ROOT, stop_timeout: float = 30):
+    """Start `python -m serve model --port P --quiet *args`, wait for /v1/health, yield a `Served`,
+    then stop it (SIGTERM, then SIGKILL). Fails the test if it exits or stays silent."""
+    served = spawn_serve(model, *args, env=env, log=log, cwd=cwd)
+    proc, url = served.proc, served.url
     deadline = time.monotonic() + timeout  # fastai + gradio imports on a busy 2-core machine
     try:
         while True:
