@@ -355,4 +355,6 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
                 "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest,
                 "inflight_mb": round(budget.held / 1e6, 3), "peak_inflight_mb": round(budget.peak / 1e6, 3)}
 
+    from serve.hf_inference import add_classify_route  # POST /v1/classify, the Hugging Face Inference API's
+    add_classify_route(app, predictor, limits, batcher, decoder)
     return app
