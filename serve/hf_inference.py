@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import json
+from typing import Callable
 
 import torch
 from fastapi import Request
@@ -81,13 +82,14 @@ def _file_too_large(limits) -> RequestError:
                              f"(the limit per file is {limits.max_file_mb:g} MB)")
 
 
-async def read_body(request: Request, cap: int, too_large: RequestError) -> bytes:
-    """The whole body, refused (`too_large`) once it passes `cap` bytes: at once when declared so,
+async def read_body(request: Request, cap: int, too_large: Callable[[], RequestError]) -> bytes:
+    """The whole body, refused (`too_large()`, a fresh error each time: a raised exception keeps
+    the frames it passed through) once it passes `cap` bytes: at once when declared so,
     else as the bytes arrive. What follows a refusal is read and dropped (the middleware counts it
     against --max-request-mb), so that a client still sending reads the 413, not a reset."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > cap:
-        raise too_large
+        raise too_large()
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -99,7 +101,7 @@ async def read_body(request: Request, cap: int, too_large: RequestError) -> byte
     except ClientDisconnect:
         raise RequestError(400, "the client went away before the body arrived") from None
     if chunks is None:
-        raise too_large
+        raise too_large()
     return b"".join(chunks)
 
 
@@ -212,8 +214,10 @@ def add_classify_route(app, predictor, limits, batcher, decoder) -> None:
     handler answers the refusals), decoding on `decoder` and running on `batcher`, /v1/predict's own."""
     activation = predictor.metadata.activation
     json_cap = max_json_bytes(limits)
-    too_large_json = RequestError(413, f"request too large: the JSON body takes one image of at most "
-                                       f"{limits.max_file_mb:g} MB as base64 ({json_cap / 1e6:g} MB of JSON)")
+
+    def too_large_json() -> RequestError:
+        return RequestError(413, f"request too large: the JSON body takes one image of at most "
+                                 f"{limits.max_file_mb:g} MB as base64 ({json_cap / 1e6:g} MB of JSON)")
 
     @app.post(PATH, summary="Classify one image, as the Hugging Face Inference API does", openapi_extra={
         "parameters": [{"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
@@ -246,7 +250,7 @@ def add_classify_route(app, predictor, limits, batcher, decoder) -> None:
             del obj
             params.update(given)
         else:
-            data = await read_body(request, limits.max_file_bytes, _file_too_large(limits))
+            data = await read_body(request, limits.max_file_bytes, lambda: _file_too_large(limits))
         if not data:
             raise RequestError(400, "empty body: send the image bytes (curl --data-binary @image.png "
                                     "-H 'Content-Type: image/png'), or JSON {\"inputs\": \"<base64 image>\"}")

@@ -218,6 +218,14 @@ def test_wrong_method_is_405_json(server, digits, method):
     assert_serving(server, digits)
 
 
+def test_openapi_describes_the_route(server):
+    r = requests.get(server.url + "/v1/openapi.json", timeout=30)
+    assert r.status_code == 200
+    post = r.json()["paths"]["/v1/classify"]["post"]
+    assert set(post["requestBody"]["content"]) == {"image/*", "application/json"}
+    assert list(r.json()["paths"]["/v1/classify"]) == ["post"]  # the 405 answers are not advertised
+
+
 def padded_png(size: int) -> bytes:
     """A valid PNG of exactly `size` bytes (a digit, padded with a text chunk)."""
     from PIL import PngImagePlugin
