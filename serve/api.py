@@ -263,4 +263,6 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
                 "queued_images": batcher.queued, "peak_queued_images": batcher.peak_queue,
                 "inflight_mb": round(budget.held / 1e6, 3), "peak_inflight_mb": round(budget.peak / 1e6, 3)}
 
+    from serve.hf_inference import add_classify_route  # POST /v1/classify, the Hugging Face Inference API's
+    add_classify_route(app, predictor, limits, batcher, decoder)
     return app
