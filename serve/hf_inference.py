@@ -257,6 +257,7 @@ def add_classify_route(app, predictor, limits, batcher, decoder) -> None:
         k = params["top_k"]
         k = min(_top_k(k) if k is not None else HF_DEFAULT_TOP_K, len(predictor.classes))
         function = _function(params["function_to_apply"], activation)
+        batcher.admit(1)  # a full queue refuses (503 + Retry-After) before the decoding, as /v1/predict does
         try:
             item = await asyncio.get_running_loop().run_in_executor(decoder, predictor.prepare, data)
         except ImageError as e:
