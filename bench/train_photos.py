@@ -1,7 +1,8 @@
 """Benchmark: our pipeline on a messy photo folder vs fastai's plain `from_folder` on the same
-folder with the broken files removed by hand. Both train resnet18 from scratch at 64 px.
+folder with the broken files removed by hand. Both train resnet18 from scratch at 64 px, once per
+seed, one after the other (the peer, then ours, for each seed).
 
-    MNIST_DIR=../shared/data/mnist python bench/train_photos.py [--per-class 150] [--epochs 10]
+    MNIST_DIR=../shared/data/mnist python bench/train_photos.py [--seeds 42,1,2] [--per-class 150] [--epochs 10]
 
 The folder is made of real MNIST digits dressed up as people's photos: one folder per class
 (`zero/` .. `nine/`), each digit coloured (random ink and paper colours, sensor noise), scaled to
@@ -10,7 +11,15 @@ RGBA, P, CMYK, 16-bit) and formats (synthetic/photoset.py's), one EXIF-rotated J
 broken files and a stray notes.txt. (synthetic/photoset.py's shapes are too hard to learn from
 scratch at this scale: both pipelines stay near chance, which would compare nothing.) Both models
 are scored on the same held-out test folder, made the same way from MNIST's test digits, so
-neither pipeline's own split decides. Target: ours >= fastai's. Prints one JSON line last.
+neither pipeline's own split decides. The folders are made once; a seed changes the split, the
+initial weights and the batch order of both pipelines.
+
+The peer is fastai's documented recipe for a class-folder data set (`ImageDataLoaders.from_folder`
+with `item_tfms=Resize(64)` and `batch_tfms=aug_transforms()`, `vision_learner(resnet18)`), trained
+with `fit_one_cycle` since there are no pretrained weights here; a peer near chance compares
+nothing, so the summary says whether it is well above chance (`peer_sane`). Ours runs with its
+defaults but for `--size 64` and `--epochs`. Target: the median of ours >= the median of the peer's.
+Prints one JSON line last, with the per-seed figures and the medians.
 """
 from __future__ import annotations
 
@@ -38,9 +47,9 @@ PLAIN_FASTAI = r"""
 import sys, json, warnings
 warnings.filterwarnings("ignore")
 from fastai.vision.all import *
-set_seed(42, reproducible=True)
-path, test, epochs = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-dls = ImageDataLoaders.from_folder(path, valid_pct=0.2, seed=42, item_tfms=Resize(64), bs=64,
+path, test, epochs, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+set_seed(seed, reproducible=True)
+dls = ImageDataLoaders.from_folder(path, valid_pct=0.2, seed=seed, item_tfms=Resize(64), bs=64,
                                    batch_tfms=aug_transforms())
 learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
 with learn.no_bar():
@@ -106,8 +115,25 @@ def make_digit_photos(root: Path, images: np.ndarray, labels: np.ndarray, per_cl
     return write_broken_files(root / NAMES[0], digit_photo(images[0], rng))[0] if broken else []
 
 
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def seeds_list(s: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, got {s!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative seeds separated by commas, got {s!r}")
+    return seeds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=seeds_list, default=[42, 1, 2], help="one run of each pipeline per seed (default 42,1,2)")
     p.add_argument("--per-class", type=int, default=150, help="images per class in the training folder")
     p.add_argument("--test-per-class", type=int, default=50, help="images per class in the test folder")
     p.add_argument("--epochs", type=int, default=10)
@@ -118,34 +144,46 @@ def main() -> None:
         sys.exit(f"error: {e}")
     if not isinstance(mnist, MnistArrays):
         sys.exit("point MNIST_DIR at the four MNIST IDX files")
+    from models.contract import read_metadata
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         photos, test = tmp / "photos", tmp / "test"
         broken = make_digit_photos(photos, mnist.train_images, mnist.train_labels, args.per_class, 0, True)
         make_digit_photos(test, mnist.valid_images, mnist.valid_labels, args.test_per_class, 1, False)
+        n_test = sum(1 for f in test.rglob("*") if f.is_file())
         # fastai's plain pipeline needs the broken files removed by hand; the stray notes.txt it ignores.
         cleaned = tmp / "photos_cleaned"
         shutil.copytree(photos, cleaned)
         for f in broken:
             (cleaned / f.relative_to(photos)).unlink()
 
-        plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, args.epochs])
-        plain = accuracy(out)
-        plain_valid = float(out.split("VALID")[-1].split()[0])
-        print(f"fastai from_folder (cleaned by hand): {plain:.4f} in {plain_s:.0f} s", flush=True)
-
-        ours_s, _ = run([sys.executable, "-m", "train", photos, "--size", "64", "--epochs", args.epochs,
-                         "--out", tmp / "ours", "-q"])
-        n_test = sum(1 for f in test.rglob("*") if f.is_file())
-        _, out = run([sys.executable, "-c", OURS_SCORE, tmp / "ours", test])
-        ours = accuracy(out)
-        from models.contract import read_metadata
-        ours_valid = read_metadata(tmp / "ours").metrics.valid_accuracy
-        print(f"ours (broken files left in): {ours:.4f} in {ours_s:.0f} s", flush=True)
-    print(json.dumps({"per_class": args.per_class, "epochs": args.epochs, "test_images": n_test,
-                      "fastai_from_folder_accuracy": round(plain, 4), "fastai_from_folder_seconds": round(plain_s, 1),
-                      "fastai_own_valid_accuracy": round(plain_valid, 4), "ours_own_valid_accuracy": round(ours_valid, 4),
-                      "ours_accuracy": round(ours, 4), "ours_seconds": round(ours_s, 1), "ok": ours >= plain}))
+        for seed in args.seeds:
+            plain_s, out = run([sys.executable, "-c", PLAIN_FASTAI, cleaned, test, args.epochs, seed])
+            plain, plain_valid = accuracy(out), float(out.split("VALID")[-1].split()[0])
+            print(f"seed {seed}: fastai from_folder (cleaned by hand): {plain:.4f} in {plain_s:.0f} s", flush=True)
+            model = tmp / f"ours_{seed}"
+            ours_s, _ = run([sys.executable, "-m", "train", photos, "--size", "64", "--epochs", args.epochs,
+                             "--seed", seed, "--out", model, "-q"])
+            _, out = run([sys.executable, "-c", OURS_SCORE, model, test])
+            ours = accuracy(out)
+            meta = read_metadata(model)
+            print(f"seed {seed}: ours (broken files left in, lr {meta.config['lr']}): {ours:.4f} in {ours_s:.0f} s",
+                  flush=True)
+            runs.append({"seed": seed, "fastai_from_folder_accuracy": round(plain, 4),
+                         "fastai_own_valid_accuracy": round(plain_valid, 4), "fastai_from_folder_seconds": round(plain_s, 1),
+                         "ours_accuracy": round(ours, 4), "ours_own_valid_accuracy": round(meta.metrics.valid_accuracy, 4),
+                         "ours_seconds": round(ours_s, 1), "ours_lr": meta.config["lr"]})
+    plain_med = median([r["fastai_from_folder_accuracy"] for r in runs])
+    ours_med = median([r["ours_accuracy"] for r in runs])
+    chance = 1 / len(NAMES)
+    print(json.dumps({"per_class": args.per_class, "epochs": args.epochs, "test_images": n_test, "seeds": args.seeds,
+                      "runs": runs, "fastai_from_folder_accuracy_median": plain_med, "ours_accuracy_median": ours_med,
+                      "fastai_from_folder_seconds_median": median([r["fastai_from_folder_seconds"] for r in runs]),
+                      "ours_seconds_median": median([r["ours_seconds"] for r in runs]),
+                      # A peer at chance compares nothing: at least three times chance (30% on 10 classes).
+                      "peer_sane": plain_med >= 3 * chance,
+                      "ok": ours_med >= plain_med and plain_med >= 3 * chance}))
 
 
 if __name__ == "__main__":
