@@ -1,10 +1,10 @@
 """Benchmark: one process against `torchrun --nproc_per_node N` for the same small run, on this machine.
 
-    MNIST_DIR=../shared/data/mnist python bench/train_distributed.py [--procs 2] [--per-class 60] [--repeats 1]
+    MNIST_DIR=../shared/data/mnist python bench/train_distributed.py [--procs 2] [--per-class 30] [--repeats 1]
 
 Writes `--per-class` training and 10 validation MNIST digits per class as PNGs (fastai's folder layout),
 then alternates, `--repeats` times: `python -m train DIGITS --epochs 2 --size 28 --bs B*N` in one process
-(torch's threads over every core) and `torchrun --standalone --nproc_per_node N -m train ... --bs B` (the
+(torch's threads over every core), the same with OMP_NUM_THREADS=1, and `torchrun --standalone --nproc_per_node N -m train ... --bs B` (the
 same effective batch; torchrun gives each process one thread). Wall time of the whole command
 (imports, data, export included), the fit's own seconds, the validation accuracy and the load
 average before each run. On a CPU box this measures the overhead, not a speed-up: N processes share
@@ -41,10 +41,10 @@ def write_digits(arrays, out: Path, n_train: int, n_valid: int) -> Path:
     return out
 
 
-def run(cmd: list[str]) -> dict:
+def run(cmd: list[str], **env) -> dict:
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
@@ -55,7 +55,7 @@ def run(cmd: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--procs", type=int, default=2)
-    p.add_argument("--per-class", type=int, default=60, help="training digits per class (default 60)")
+    p.add_argument("--per-class", type=int, default=30, help="training digits per class (default 30)")
     p.add_argument("--bs", type=int, default=16, help="batch per process (default 16)")
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
@@ -63,18 +63,22 @@ def main() -> None:
     arrays = load_idx_arrays(Path(os.environ["MNIST_DIR"]))
     with tempfile.TemporaryDirectory() as tmp:
         digits = write_digits(arrays, Path(tmp) / "digits", args.per_class, 10)
-        common = [str(digits), "--epochs", "2", "--size", "28", "--no-augment", "--lr", "3e-3", "-q"]
-        one, many = [], []
+        common = [str(digits), "--epochs", "2", "--size", "28", "--no-augment", "--lr", "3e-3"]
+        one, one_thread, many = [], [], []
         for _ in range(args.repeats):
-            one.append(run([sys.executable, "-m", "train", *common, "--bs", str(args.bs * args.procs),
-                            "--out", f"{tmp}/one"]))
+            single = [sys.executable, "-m", "train", *common, "--bs", str(args.bs * args.procs), "--out", f"{tmp}/one"]
+            one.append(run(single))
+            # torchrun gives each process one thread (OMP_NUM_THREADS=1): the same for one process
+            one_thread.append(run(single, OMP_NUM_THREADS="1"))
             many.append(run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(args.procs), "-m", "train", *common, "--bs", str(args.bs), "--out", f"{tmp}/many"]))
-            print(json.dumps({"one_process": one[-1], f"{args.procs}_processes": many[-1]}), flush=True)
+            print(json.dumps({"one_process": one[-1], "one_process_one_thread": one_thread[-1],
+                              f"{args.procs}_processes": many[-1]}), flush=True)
     best = lambda runs, k: min(r[k] for r in runs)  # noqa: E731
     print(json.dumps({"bench": "train_distributed", "cpus": os.cpu_count(), "procs": args.procs,
                       "train_images": args.per_class * 10, "effective_batch": args.bs * args.procs,
                       "one_process_wall_s": best(one, "wall_s"), "one_process_fit_s": best(one, "fit_s"),
+                      "one_thread_wall_s": best(one_thread, "wall_s"), "one_thread_fit_s": best(one_thread, "fit_s"),
                       "distributed_wall_s": best(many, "wall_s"), "distributed_fit_s": best(many, "fit_s"),
                       "one_process_accuracy": one[-1]["accuracy"], "distributed_accuracy": many[-1]["accuracy"],
                       "repeats": args.repeats}))
