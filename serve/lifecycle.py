@@ -166,7 +166,8 @@ class Lifecycle:
             try:
                 app = self._build()
             except BaseException as e:  # handed to the loop, which reports it
-                loop.call_soon_threadsafe(lambda: built.done() or built.set_exception(e))
+                # bound now: Python unbinds `e` when this block ends, before the loop runs the callback
+                loop.call_soon_threadsafe(lambda err=e: built.done() or built.set_exception(err))
             else:
                 loop.call_soon_threadsafe(lambda: built.done() or built.set_result(app))
 
