@@ -2,7 +2,8 @@
 
     <cache>/<name>-<S>px-<hash of the key>/
         images.npy   uint8 (capacity, 3, S, S): the readable files in item order, then unused slots
-        labels.npy   int64 (n,): each image's class, an index into cache.json's `classes`
+        labels.npy   int64 (n,): each image's class, an index into cache.json's `classes` (for a multi-label
+                     CSV a class is an image's set of labels, a list)
         split.npy    int8 (n,): 0 train, 1 valid (the folder's own train/valid split), -1 not split
         sizes.npy    int32 (n, 2): each file's full upright (width, height), for the data summary
         cache.json   what the folder holds (n, classes, skipped files and why), and whose data it is
