@@ -297,3 +297,26 @@ def test_keep_existing_leaves_the_first_complete_folder(tmp_path):
     with atomic_folder(tmp_path / "d", keep_existing=True) as tmp:
         (tmp / "a").write_text("only")
     assert (tmp_path / "d" / "a").read_text() == "only"
+
+
+def test_a_multi_label_csv_is_cached_too_files_beside_the_csv_included(made, tmp_path, monkeypatch):
+    # A labels CSV naming files in the data folder and one beside the CSV, outside it; several
+    # labels per cell make it multi-label: both go through the cache and come back the same.
+    from models.imageio import is_image_file
+    files = sorted(p for p in made["root"].rglob("*") if p.is_file() and is_image_file(p))
+    side = tmp_path / "csvdir"
+    side.mkdir()
+    beside = "beside" + files[0].suffix
+    shutil.copy(files[0], side / beside)
+    rows = [f"{p.relative_to(made['root']).as_posix()},{p.parent.name} {'even' if i % 2 else 'odd'}"
+            for i, p in enumerate(files)] + [f"{beside},{files[0].parent.name} odd"]
+    csv = side / "labels.csv"
+    csv.write_text("file,labels\n" + "\n".join(rows) + "\n")
+    reference = load_data(str(made["root"]), SIZE, progress=False, labels_csv=str(csv))
+    assert reference.multi_label and "even" in reference.vocab
+    cdir = tmp_path / "c"
+    first = load_data(str(made["root"]), SIZE, progress=False, labels_csv=str(csv), cache_dir=cdir)
+    decodes = Decodes(monkeypatch)
+    second = load_data(str(made["root"]), SIZE, progress=False, labels_csv=str(csv), cache_dir=cdir)
+    assert decodes.n == 0 and len(caches(cdir)) == 1
+    assert same(first, reference) and same(second, reference) and second.multi_label
