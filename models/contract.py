@@ -62,10 +62,13 @@ RESIZE_METHODS = ("squish",)
 STOPPED_COMPLETED, STOPPED_PATIENCE = "completed", "patience"
 STOP_REASONS = (STOPPED_COMPLETED, STOPPED_PATIENCE)
 ACTIVATIONS = ("softmax", "sigmoid")  # single-label (CrossEntropyLossFlat), multi-label (BCEWithLogitsLossFlat)
+# 3: how the fit ended (`fit`), `world_size`, and a multi-label model's `threshold`s: a version-2
+# folder reads with their defaults (no record, one process, single-label), while code that reads
+# only version 2 says "update this project's code" for a version-3 folder rather than "re-export".
 # 2: the network (n_out, head, activation) and model.safetensors/model.onnx. A version-1 folder is
 # still read: its network was always `vision_learner`'s default head with a softmax, filled in below.
-METADATA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+METADATA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 class ModelFolderError(RuntimeError):

@@ -416,7 +416,7 @@ def _meta_dict(folder) -> dict:
 def test_metadata_round_trips_and_is_version_2(folder):
     raw = _meta_dict(folder)
     meta = read_metadata(folder)
-    assert raw["metadata_version"] == METADATA_VERSION == 2 and meta.as_dict() == raw
+    assert raw["metadata_version"] == METADATA_VERSION == 3 and meta.as_dict() == raw
     assert meta.n_out == len(meta.classes) == 10 and meta.activation == "softmax" and meta.head.ps == 0.5
 
 
@@ -467,7 +467,7 @@ def _edited(raw: dict, path: str, value) -> dict:
     ("activation", "relu", ["activation 'relu'"]),
     ("resize_method", "crop", ["resize_method 'crop'"]),
     ("metrics.valid_accuracy", None, ["'metrics.valid_accuracy' must be a number"]),
-    ("metadata_version", 3, ["version 3, newer", "update"]),
+    ("metadata_version", 4, ["version 4, newer", "update"]),
     ("metadata_version", 0, ["version 0", "re-export"]),
     ("metadata_version", "2", ["no valid metadata_version"]),
 ])
