@@ -522,3 +522,16 @@ def test_the_schema_has_one_home():
                 offenders.append(f"{py.relative_to(ROOT)}: {key}")
     assert offenders == []
     assert {"arch", "n_out", "head", "image_size", "resize_method", "normalize", "classes", "activation"} <= fields
+
+
+def test_a_version_2_folder_reads_with_the_new_fields_at_their_defaults(folder, tmp_path):
+    """Exported before version 3 (no fit record, no world_size): read as one process's run, no record."""
+    copy = tmp_path / "v2"
+    shutil.copytree(folder, copy)
+    raw = _meta_dict(folder)
+    for key in ("fit", "world_size"):
+        raw.pop(key, None)
+    raw["metadata_version"] = 2
+    (copy / METADATA_FILE).write_text(json.dumps(raw))
+    meta = read_metadata(copy)
+    assert meta.fit is None and meta.world_size == 1 and meta.classes == read_metadata(folder).classes
