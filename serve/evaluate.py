@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args) -> dict:
     """The whole job; returns the report (also written to --out)."""
     from serve.source import resolve_folder
-    folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format)
+    folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format,
+                                    args.device)
     if args.labels is not None:
         if args.split:
             raise EvaluationError("--split and --labels do not go together: the CSV names the files")
