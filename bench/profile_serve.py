@@ -1,6 +1,6 @@
 """Profile: where a `POST /v1/predict` spends the server's CPU, end to end, under `wrk` load.
 
-    python bench/profile_serve.py MODEL [--images 1] [--connections 16] [--seconds 20] [-- SERVE ARGS]
+    python bench/profile_serve.py MODEL [--photos 8] [--connections 16] [--seconds 20] [-- SERVE ARGS]
     python bench/profile_serve.py models/mnist                       # one 28 px PNG per request
     python bench/profile_serve.py photo_model --photos 8 --connections 8   # eight 12 MP photos per request
 
@@ -18,7 +18,9 @@ Each sampled stack is put in one stage, by the first of these found from the lea
   http       uvicorn's protocol (httptools/h11 parsing, writing), starlette/fastapi routing
   loop       the event loop itself (uvloop/asyncio: callbacks, polling, futures)
   other      anything else (threads' own bookkeeping, logging)
-Prints per-stage shares of the sampled CPU, the top self-time functions, and the run's req/s
+Without py-spy's --native (which cannot sample without pausing the server), time spent in C under
+the event loop (uvloop's loop, httptools' parser, socket writes) shows as `Runner.run`'s own time,
+and the decode threads' wait for work as `_worker`'s. Prints per-stage shares of the sampled CPU, the top self-time functions, and the run's req/s
 and latency; the last line on stdout is a one-line JSON summary.
 """
 from __future__ import annotations
@@ -108,14 +110,13 @@ def main() -> None:
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--top", type=int, default=25, help="self-time functions listed (default 25)")
     p.add_argument("--out", type=Path, default=None, help="also keep py-spy's raw stacks here")
-    p.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: extra `python -m serve` arguments")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()  # the rest (after --) goes to `python -m serve`
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         sys.exit("error: py-spy is not installed (pip install py-spy)")
     wrk = ensure_wrk()
-    extra = [a for a in args.serve_args if a != "--"]
+    extra = [a for a in extra if a != "--"]
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         requests, sample = make_requests(args, tmp)
