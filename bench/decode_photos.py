@@ -124,7 +124,8 @@ def project_builder_mode(items, size: int) -> str:
     from train.data import DataError, decode_items
     files = [f for f, _, _ in items]
     try:
-        cache = decode_items(items, size, "bench", progress=False)
+        root = Path(files[0]).parents[1]  # photos/<class>/<file>: skipped files are named relative to it
+        cache = decode_items(items, size, "bench", root, "bench", progress=False)
     except DataError as e:
         log.warning("could not run decode_items on a sample: %s", e)
         return "unknown"

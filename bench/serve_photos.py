@@ -212,8 +212,9 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                tail = self.log_tail()  # before stop(), which closes the log
                 self.stop()
-                sys.exit(f"{self.kind} server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                sys.exit(f"{self.kind} server exited with {self.proc.returncode}:\n{tail}")
             try:
                 conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
                 conn.request("GET", self.health)
@@ -222,8 +223,9 @@ class Server:
             except OSError:
                 pass
             time.sleep(0.5)
+        tail = self.log_tail()
         self.stop()
-        sys.exit(f"{self.kind} server did not answer {self.health} within {timeout:.0f} s:\n{self.log_tail()}")
+        sys.exit(f"{self.kind} server did not answer {self.health} within {timeout:.0f} s:\n{tail}")
 
     def log_tail(self) -> str:
         self.errfile.flush()

@@ -81,7 +81,7 @@ def serve(args) -> None:
     # The event loop (HTTP parsing, Gradio's queue, decoding) keeps about one core busy under load.
     threads = configure_threads(1, args.threads)
     # Load (and check) the model before importing Gradio: a bad folder fails in seconds.
-    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format)
+    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format, args.device)
     predictor = Predictor.load(folder, device=args.device, format=format, threads=threads)
     logging.getLogger(__name__).info("loaded %s (%s): %d classes, on %s (%d thread(s))", predictor.name, format,
                                      len(predictor.classes), predictor.device, threads)

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(args) -> dict:
     """The whole job; returns the report (also written to --out)."""
     from serve.source import resolve_folder
-    folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format)
+    folder, format = resolve_folder(args.model, args.trust_remote_code, "pickle" if args.tta else args.format,
+                                    args.device)
     from models.contract import read_metadata
     meta = read_metadata(folder)  # before loading a pickle: a foreign folder fails fast
     multi = meta.multi_label

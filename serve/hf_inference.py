@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from models.imageio import ImageError
-from serve.api import TOP_K_DIGITS, RequestError, _status_for, parse_top_k
+from serve.api import TOP_K_DIGITS, FastJSONResponse, RequestError, _status_for, parse_top_k
 
 __all__ = ["PATH", "HF_DEFAULT_TOP_K", "FUNCTIONS", "add_classify_route", "max_json_bytes", "json_text", "load_json",
            "parse_json_body", "scores"]
@@ -266,7 +266,7 @@ def add_classify_route(app, predictor, limits, batcher, decoder) -> None:
             del data
         probs = await batcher.submit([item])
         best = predictor.top_k(scores(probs, activation, function), k)[0]
-        return JSONResponse([{"label": c, "score": s} for c, s in best.confidences])
+        return FastJSONResponse([{"label": c, "score": s} for c, s in best.confidences])
 
     @app.api_route(PATH, methods=["GET", "HEAD", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     async def wrong_method(request: Request):

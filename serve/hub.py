@@ -25,8 +25,8 @@ a public repo, and so is a commit sha (it may be a pull request's commit) and an
 download must then be the very commit the branch or tag named. With no token, offline, or when
 `whoami` or the refs cannot be read, this cannot be checked and the flag is required.
 `model.safetensors` and `model.onnx` run no code when loaded: those formats need no flag, from any
-repo and revision, and are fetched without the pickle (`--format auto` picks safetensors where the
-pickle would need the flag, see `choose_format`).
+repo and revision, and are fetched without the pickle (`--format auto` picks model.onnx on the CPU
+where the repo has it, else safetensors where the pickle would need the flag: `resolve_auto`).
 
 The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's `get_token`). Every failure a
 person can fix (no token, 401/403, no network, no such repo) ends as `error: <one line>` and exit
@@ -47,7 +47,7 @@ from serve.source import HF_PREFIX, TRUST_REMOTE_CODE_HELP
 from models.contract import (CARD_FILE, EXAMPLES_DIR, FORMAT_FILES, METADATA_FILE, MODEL_FILE, ModelFolderError,
                              ModelMetadata, read_metadata)
 
-__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "choose_format", "stage_model_repo",
+__all__ = ["HF_PREFIX", "TRUST_REMOTE_CODE_HELP", "HubError", "parse_spec", "resolve_model", "resolve_auto", "choose_format", "stage_model_repo",
            "model_card", "write_pyproject", "push_model", "check_model_folder", "describe_upload", "hub_token",
            "explain", "check_repo_id", "main"]
 
@@ -64,6 +64,10 @@ CARD_TAGS = ["fastai", "vision", "image-classification"]
 
 class HubError(ModelFolderError):
     """A Hub operation that cannot go on; the message is one line, fit for a person."""
+
+
+class MissingFormatError(HubError):
+    """The repo is a model folder, but without the file of the format asked for."""
 
 
 # ---- loading: hf://namespace/name[@revision] ---------------------------------------------------------
@@ -138,6 +142,21 @@ def choose_format(spec: str, trust_remote_code: bool = False, token: str | None 
     return "pickle"
 
 
+def resolve_auto(spec: str, trust_remote_code: bool = False, prefer_onnx: bool = False,
+                 token: str | None = None) -> tuple[Path, str]:
+    """`--format auto` for `spec`: (snapshot folder, format). With `prefer_onnx` (the model runs on the
+    CPU) model.onnx from any repo and revision that has one, since loading ONNX runs no code of its
+    author's; otherwise, or for a repo pushed before ONNX, `choose_format`'s pick. The first try
+    fetches the repo without its pickle, so a stranger's pickle is never downloaded for nothing."""
+    if prefer_onnx:
+        try:
+            return resolve_model(spec, trust_remote_code, token, format="onnx"), "onnx"
+        except MissingFormatError:
+            log.info("%s has no model.onnx: falling back", spec)
+    format = choose_format(spec, trust_remote_code, token)
+    return resolve_model(spec, trust_remote_code, token, format=format), format
+
+
 def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None = None, format: str = "pickle") -> Path:
     """Download `hf://namespace/name[@revision]` into the Hugging Face cache and return the snapshot
     folder, a model folder for `load_model_folder(folder, format)`. Raises `HubError` (a
@@ -179,8 +198,8 @@ def resolve_model(spec: str, trust_remote_code: bool = False, token: str | None 
     if not (folder / FORMAT_FILES[format]).is_file():
         hint = (f"; if you trust its author, load its {MODEL_FILE} with --format pickle --trust-remote-code"
                 if format != "pickle" else "")
-        raise HubError(f"{spec} has no {FORMAT_FILES[format]} (pushed before this format existed, or not by "
-                       f"`python -m serve.hub push`){hint}")
+        raise MissingFormatError(f"{spec} has no {FORMAT_FILES[format]} (pushed before this format existed, or not by "
+                                 f"`python -m serve.hub push`){hint}")
     read_metadata(folder)
     return folder
 

@@ -150,9 +150,9 @@ def run(args) -> int:
     from serve.predictor import Predictor, configure_threads
     workers = default_workers() if args.workers is None else args.workers
     threads = configure_threads(0, args.threads or default_threads(workers))
-    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format)
+    folder, format = resolve_folder(args.model, args.trust_remote_code, args.format, args.device)
     predictor = Predictor.load(folder, device=args.device, format=format, threads=threads)
-    log.info("model %s (%d classes) on %s: %d torch thread(s), %d decoding process(es)", predictor.name,
+    log.info("model %s (%s, %d classes) on %s: %d thread(s), %d decoding process(es)", predictor.name, format,
              len(predictor.classes), predictor.device, threads, workers)
     n_ok, n_bad = classify_files(predictor, args.paths, args.top_k, args.json, args.csv, args.batch_size, workers)
     log.info("%d image(s) classified, %d failed", n_ok, n_bad)

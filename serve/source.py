@@ -25,24 +25,39 @@ FORMAT_CHOICES = ("auto", "pickle", "safetensors", "onnx")
 FORMAT_HELP = (
     "which model file to load. pickle: model.pkl, the fastai learner (a pickle: loading it runs code). "
     "safetensors: model.safetensors, the weights alone, the network rebuilt from metadata.json; never "
-    "unpickles anything. onnx: model.onnx on onnxruntime (CPU). auto (default): pickle for a local folder "
-    "and for hf:// repos you trust (your namespace, or --trust-remote-code); safetensors for other hf:// "
-    "repos, so they load without --trust-remote-code")
+    "unpickles anything. onnx: model.onnx on onnxruntime (CPU). auto (default): on the CPU, model.onnx "
+    "where the folder or hf:// repo has one (any repo: ONNX runs no code when loaded; onnxruntime is the "
+    "fastest CPU backend); otherwise, or on a GPU, pickle for a local folder and for hf:// repos you trust "
+    "(your namespace, or --trust-remote-code) and safetensors for other hf:// repos, so they load without "
+    "--trust-remote-code")
 
 
-def resolve_folder(spec: str, trust_remote_code: bool = False, format: str = "auto") -> tuple[Path, str]:
+def resolve_folder(spec: str, trust_remote_code: bool = False, format: str = "auto",
+                   device: str = "auto") -> tuple[Path, str]:
     """(local model folder, format to load) for `spec`: a path, or `hf://owner/name[@revision]`
-    fetched by `serve.hub.resolve_model` (which raises `ModelFolderError` when it cannot)."""
+    fetched by `serve.hub` (which raises `ModelFolderError` when it cannot). `device` is the one the
+    model will run on: `auto` prefers model.onnx only where that is the CPU (see FORMAT_HELP)."""
+    prefer_onnx = format == "auto" and _runs_on_cpu(device)
     if str(spec).startswith(HF_PREFIX):
         from models.contract import ModelFolderError
         try:
-            from serve.hub import choose_format, resolve_model
+            from serve.hub import resolve_auto, resolve_model
         except ImportError as e:
             raise ModelFolderError(f"cannot fetch {spec}: Hub support is not available ({e})") from None
         if format == "auto":
-            format = choose_format(spec, trust_remote_code)
+            return resolve_auto(spec, trust_remote_code, prefer_onnx=prefer_onnx)
         return Path(resolve_model(spec, trust_remote_code=trust_remote_code, format=format)), format
-    return Path(spec), ("pickle" if format == "auto" else format)
+    if format == "auto":
+        from models.contract import ONNX_FILE
+        format = "onnx" if prefer_onnx and (Path(spec) / ONNX_FILE).is_file() else "pickle"
+    return Path(spec), format
+
+
+def _runs_on_cpu(device: str) -> bool:
+    """Whether `--device` resolves to the CPU here. onnxruntime runs on the CPU alone (models/onnx.py),
+    so on a GPU the torch formats stay the default."""
+    from models.device import pick_device
+    return pick_device(device).type == "cpu"
 
 
 def quiet_known_warnings() -> None:

@@ -370,28 +370,72 @@ def hub():
     fake.stop()
 
 
-def test_auto_loads_a_strangers_repo_from_safetensors(hub, evil_folder, digit_files, rebuilt, tmp_path):
-    """hf:// outside your namespace: --format auto loads model.safetensors with no --trust-remote-code, and
-    never downloads the (here malicious) pickle; --format pickle still needs the flag; your own repo's
-    auto is the pickle, as before."""
+def _predict_cli(model, digit, env, *args) -> subprocess.CompletedProcess:
+    """`python -m serve.predict MODEL DIGIT --json *args`: its log line says which format it loaded."""
+    return subprocess.run([PY, "-m", "serve.predict", str(model), digit, "--json", "--workers", "0", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _loaded_format(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 0, p.stderr
+    return re.search(r"^model \S+ \((\w+), \d+ classes\)", p.stderr, flags=re.M).group(1)
+
+
+def test_auto_on_the_cpu_serves_onnx_where_the_folder_has_it(folder, digit_files, rebuilt, tmp_path, monkeypatch):
+    """A local folder on the CPU: `--format auto` (the default) is model.onnx on onnxruntime, the fastest
+    CPU backend; a folder without model.onnx is the learner pickle, as before; on a GPU the pickle too
+    (onnxruntime here runs on the CPU only)."""
+    with serve_process(folder) as served:
+        assert requests.get(served.url + "/v1/health", timeout=10).json()["format"] == "onnx"
+        with open(digit_files[3], "rb") as fh:
+            r = requests.post(served.url + "/v1/predict", files={"files": ("d.png", fh, "image/png")}, timeout=60)
+        assert r.status_code == 200 and r.json()[0]["label"] == rebuilt.predict(digit_files[3]).label, r.text
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert _loaded_format(_predict_cli(folder, digit_files[0], env, "--format", "pickle")) == "pickle"
+    copy = tmp_path / "no-onnx"
+    shutil.copytree(folder, copy)
+    (copy / ONNX_FILE).unlink()
+    assert _loaded_format(_predict_cli(copy, digit_files[0], env)) == "pickle"
+    from serve.source import resolve_folder
+    assert resolve_folder(str(folder), format="auto", device="cpu") == (folder, "onnx")
+    monkeypatch.setattr("serve.source._runs_on_cpu", lambda device: False)  # as on a machine with a GPU
+    assert resolve_folder(str(folder), format="auto", device="cuda") == (folder, "pickle")
+
+
+def test_auto_loads_a_strangers_repo_from_onnx_or_safetensors(hub, evil_folder, digit_files, rebuilt, tmp_path):
+    """hf:// outside your namespace, on the CPU: --format auto loads model.onnx (no code runs when ONNX loads),
+    or model.safetensors from a repo without it, with no --trust-remote-code, and never downloads the (here
+    malicious) pickle; --format pickle still needs the flag; your own repo's auto is model.onnx too, and the
+    learner pickle where there is no model.onnx, as before."""
     from tests.test_hub import ALICE, hub_env
     copy, marker = evil_folder
     hub.seed("model", "bob/digits", copy)
     env = hub_env(hub.url, tmp_path / "hf", token=ALICE)
-    p = subprocess.run([PY, "-m", "serve.predict", "hf://bob/digits", digit_files[5], "--json", "--workers", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout.splitlines()[-1])["label"] == rebuilt.predict(digit_files[5]).label
-    downloaded = {r["path"].rsplit("/", 1)[-1] for r in hub.requests if r["kind"] == "resolve"}
-    assert WEIGHTS_FILE in downloaded and MODEL_FILE not in downloaded and not marker.exists()
+    want = rebuilt.predict(digit_files[5]).label
+
+    def downloaded(repo):
+        return {r["path"].rsplit("/", 1)[-1] for r in hub.requests if r["kind"] == "resolve" and repo in r["path"]}
+
+    p = _predict_cli("hf://bob/digits", digit_files[5], env)
+    assert _loaded_format(p) == "onnx" and json.loads(p.stdout.splitlines()[-1])["label"] == want
+    assert ONNX_FILE in downloaded("bob/digits") and MODEL_FILE not in downloaded("bob/digits")
     p = subprocess.run([PY, "-m", "serve.predict", "hf://bob/digits", digit_files[5], "--format", "pickle"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert_clean_error(p, "outside your namespace", "--trust-remote-code", "--format safetensors")
     assert not marker.exists()
 
-    # an old repo of a stranger, with no safetensors: auto says what to do, and still unpickles nothing
+    # a stranger's repo from before ONNX: model.safetensors
+    no_onnx = tmp_path / "no-onnx"
+    shutil.copytree(copy, no_onnx)
+    (no_onnx / ONNX_FILE).unlink()
+    hub.seed("model", "bob/no-onnx", no_onnx)
+    p = _predict_cli("hf://bob/no-onnx", digit_files[5], env)
+    assert _loaded_format(p) == "safetensors" and json.loads(p.stdout.splitlines()[-1])["label"] == want
+    assert WEIGHTS_FILE in downloaded("bob/no-onnx") and MODEL_FILE not in downloaded("bob/no-onnx")
+
+    # an old repo of a stranger, with neither: auto says what to do, and still unpickles nothing
     old = tmp_path / "old"
-    shutil.copytree(copy, old)
+    shutil.copytree(no_onnx, old)
     (old / WEIGHTS_FILE).unlink()
     hub.seed("model", "bob/old", old)
     p = subprocess.run([PY, "-m", "serve.predict", "hf://bob/old", digit_files[5]],
@@ -399,12 +443,15 @@ def test_auto_loads_a_strangers_repo_from_safetensors(hub, evil_folder, digit_fi
     assert_clean_error(p, "hf://bob/old has no model.safetensors", "--trust-remote-code")
     assert not marker.exists()
 
-    # your own repo: auto is the learner pickle, fetched as before
+    # your own repo: model.onnx; without it, the learner pickle, fetched as before
     hub.seed("model", "alice/digits", rebuilt.folder.path)
-    p = subprocess.run([PY, "-m", "serve.predict", "hf://alice/digits", digit_files[5], "--json", "--workers", "0"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert any(r["kind"] == "resolve" and "alice/digits" in r["path"] and r["path"].endswith(MODEL_FILE) for r in hub.requests)
+    assert _loaded_format(_predict_cli("hf://alice/digits", digit_files[5], env)) == "onnx"
+    mine = tmp_path / "mine"
+    shutil.copytree(rebuilt.folder.path, mine)
+    (mine / ONNX_FILE).unlink()
+    hub.seed("model", "alice/no-onnx", mine)
+    assert _loaded_format(_predict_cli("hf://alice/no-onnx", digit_files[5], env)) == "pickle"
+    assert MODEL_FILE in downloaded("alice/no-onnx")
 
 
 # ------------------------------------------------------------------------------------------------ 3. metadata.json

@@ -71,6 +71,27 @@ def test_preprocessing_is_the_learners(predictor, mnist_model):
     assert x.dtype == torch.uint8 and tuple(x.shape) == (3, meta.image_size, meta.image_size)
 
 
+@pytest.mark.parametrize("size", [28, 64, 224])
+def test_direct_resize_is_the_item_transforms_pixel_for_pixel(size):
+    """`Preprocessing.resize` (Pillow and torch called directly, the server's path) against
+    `item_transforms` through fastai's Pipeline (the training cache's and the learner's): the same uint8
+    pixels, for images smaller, larger, of the same size, and of other aspect ratios, noise and gradients."""
+    from fasttransform import Pipeline
+    from models.contract import Preprocessing, item_transforms
+    from models.imageio import RGBImage
+    pre = Preprocessing(image_size=size, resize_method="squish", mean=(0.5,) * 3, std=(0.25,) * 3)
+    pipeline = Pipeline(item_transforms(size), split_idx=1)
+    rng = np.random.default_rng(size)
+    for w, h in [(size, size), (1, 1), (size // 2, size * 3), (7 * size, 2 * size + 1), (333, 95), (2, 500)]:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]  # a gradient beside the noise
+        img = RGBImage.create(Image.fromarray(a))
+        want = pipeline(img)
+        got = pre.resize(img)
+        assert got.dtype == torch.uint8 and tuple(got.shape) == (3, size, size)
+        assert torch.equal(got, want.as_subclass(torch.Tensor)), (w, h)
+
+
 def test_top_k(predictor, digits):
     img = digits[0][0]
     assert len(predictor.predict(img).confidences) == 3  # default
