@@ -115,7 +115,8 @@ def test_ready_after_warm_up_metrics_and_graceful_sigterm(mnist_model, digit):
         assert value(after, "serve_rejected_total", reason="starting") >= 1  # the predict above, and /v1/health polls
         info = [k for k in after if k[0] == "serve_model_info"]
         name = json.loads((mnist_model / "metadata.json").read_text())["name"]
-        assert len(info) == 1 and dict(info[0][1]) == {"name": name, "format": "pickle", "device": "cpu"}
+        # --format auto on the CPU, a folder with model.onnx: onnxruntime serves it
+        assert len(info) == 1 and dict(info[0][1]) == {"name": name, "format": "onnx", "device": "cpu"}
 
         # -- SIGTERM with requests in flight: one of 256 images (256 one-image passes, a second or
         # more), then 11 small ones queued behind it (oldest first), all received before the signal
@@ -175,6 +176,28 @@ def test_ready_after_warm_up_metrics_and_graceful_sigterm(mnist_model, digit):
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+def test_ctrl_c_answers_the_request_in_flight_and_exits_0(mnist_model, digit):
+    """Ctrl-C (SIGINT, what a terminal sends) takes SIGTERM's path: the request already received
+    is answered, readiness turns 503, and the process exits 0."""
+    with serve_process(mnist_model, "--max-batch", 1, "--max-files", 256, "--max-queue", 1024,
+                       "--timeout", 60, "--grace", 20) as srv:
+        answer = {}
+
+        def client():
+            resp = requests.post(srv.url + "/v1/predict", files=files(digit, 256), timeout=60)
+            answer["got"] = (resp.status_code, len(resp.json()) if resp.status_code == 200 else resp.text)
+
+        t = threading.Thread(target=client)
+        t.start()
+        wait_for(lambda: value(scrape(srv.url), "serve_queue_images") > 0, 60, "the request to reach the queue")
+        srv.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: status(srv.url + READY) in (503, None), 10, "readiness to turn 503")
+        t.join(60)
+        rc = srv.proc.wait(30)
+        assert answer.get("got") == (200, 256), answer
+        assert rc == 0, srv.output()[-3000:]
 
 
 def test_max_queue_refuses_with_503_and_retry_after(mnist_model, digit):
