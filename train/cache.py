@@ -125,10 +125,10 @@ def cache_folder(cache_root: Path, key: dict, name: str) -> Path:
 def _read(folder: Path, key: dict) -> Decoded | None:
     """The cache in `folder` if it is complete and its key is `key`, mapped (not read); else None."""
     try:
-        meta = json.loads((folder / "cache.json").read_text())
-        if meta.get("format") != FORMAT or json.loads((folder / "key.json").read_text()) != key:
+        held = json.loads((folder / "cache.json").read_text())
+        if held.get("format") != FORMAT or json.loads((folder / "key.json").read_text()) != key:
             return None
-        n, s = int(meta["n_images"]), key["size"]
+        n, s = int(held["n_images"]), key["size"]
         # mmap_mode "c": a private (copy-on-write) map, so the tensor is writable as torch wants,
         # and nothing written to it could ever reach the file other processes map.
         images = np.load(folder / "images.npy", mmap_mode="c", allow_pickle=False)
@@ -140,12 +140,12 @@ def _read(folder: Path, key: dict) -> Decoded | None:
     if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, s, s) or len(images) < n
             or labels.shape != (n,) or split.shape != (n,) or sizes.shape != (n, 2)):
         return None
-    classes = meta["classes"]
+    classes = held["classes"]
     return Decoded(images=torch.from_numpy(images)[:n],
                    # a multi-label image's labels were a tuple, and JSON gave back a list
                    labels=[tuple(c) if isinstance(c, list) else c for c in (classes[i] for i in labels.tolist())],
                    valid=[None if v < 0 else bool(v) for v in split.tolist()],
-                   skipped=[(f, r) for f, r in meta["skipped"]],
+                   skipped=[(f, r) for f, r in held["skipped"]],
                    sizes=[(w, h) for w, h in sizes.tolist()])
 
 
@@ -177,10 +177,10 @@ def _write(tmp: Path, key: dict, name: str, n_items: int, fill: Callable[[torch.
             allow_pickle=False)
     np.save(tmp / "sizes.npy", np.array(d.sizes, dtype=np.int32).reshape(n, 2), allow_pickle=False)
     (tmp / "key.json").write_text(json.dumps(key))
-    meta = {"format": FORMAT, "name": name, "root": key["root"], "size": s, "n_images": n, "n_files": n_items,
+    held = {"format": FORMAT, "name": name, "root": key["root"], "size": s, "n_images": n, "n_files": n_items,
             "classes": classes, "skipped": [list(x) for x in d.skipped],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (tmp / "cache.json").write_text(json.dumps(meta, indent=1))  # last: a folder without it is never read
+    (tmp / "cache.json").write_text(json.dumps(held, indent=1))  # last: a folder without it is never read
 
 
 def _remove_stale_partials(cache_root: Path) -> None:
@@ -210,15 +210,15 @@ def _evict(cache_root: Path, keep: Path) -> None:
         if d == keep or d.name.startswith(".") or not d.is_dir():
             continue
         try:
-            meta = json.loads((d / "cache.json").read_text())
+            held = json.loads((d / "cache.json").read_text())
         except (OSError, ValueError):
             continue
-        if meta.get("root") == mine["root"]:
-            same_folder.append((d, meta))
+        if held.get("root") == mine["root"]:
+            same_folder.append((d, held))
     by_use = sorted(same_folder, key=lambda dm: dm[0].stat().st_mtime, reverse=True)
     others_kept = 0
-    for d, meta in by_use:
-        if meta.get("size") == mine["size"] or others_kept >= KEEP_PER_FOLDER - 1:
+    for d, held in by_use:
+        if held.get("size") == mine["size"] or others_kept >= KEEP_PER_FOLDER - 1:
             log.info("removing the superseded data cache %s", d)
             # A process still mapping it keeps its pages (POSIX unlink semantics) until it ends.
             shutil.rmtree(d, ignore_errors=True)
