@@ -200,9 +200,9 @@ def test_bad_flags_are_argparse_errors(tmp_path):
 
 @pytest.mark.parametrize("argv, expected", [
     (["mnist"], dict(epochs=3, bs=256, lr="0.02", size=28, augment=True, flip=False)),
-    (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.01", augment=False)),  # one epoch: more, smaller steps
+    (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.008", augment=False)),  # one epoch: more, smaller steps
     (["mnist", "--epochs", "1", "--augment"], dict(augment=True)),
-    (["mnist", "--epochs", "1", "--bs", "64"], dict(bs=64, lr="0.01")),       # a given value always wins
+    (["mnist", "--epochs", "1", "--bs", "64"], dict(bs=64, lr="0.008")),       # a given value always wins
     (["mnist", "--epochs", "3", "--lr", "0.02"], dict(bs=256, lr="0.02")),
     (["photos"], dict(epochs=5, bs=64, lr="3e-3", size=128, augment=True)),
     (["photos", "--pretrained"], dict(lr="2e-3", size=224)),
