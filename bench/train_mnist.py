@@ -25,9 +25,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from models.cli import seeds_list  # noqa: E402
 
 ARTICLE = r"""
 import sys, warnings
@@ -91,22 +94,6 @@ def article_run(tmp: Path) -> dict:
     print(f"article: {r['accuracy']:.4f} in {r['seconds']} s (CPU {r['cpu_seconds']} s), peak RSS {r['peak_rss_mb']} MB",
           flush=True)
     return r
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def seeds_list(s: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, got {s!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative seeds separated by commas, got {s!r}")
-    return seeds
 
 
 def main() -> None:

@@ -33,12 +33,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from models.cli import seeds_list  # noqa: E402
 
 from synthetic.photoset import save_varied, write_broken_files  # noqa: E402
 from train.mnist import MnistArrays, MnistError, find_mnist  # noqa: E402
@@ -113,22 +116,6 @@ def make_digit_photos(root: Path, images: np.ndarray, labels: np.ndarray, per_cl
         for i, idx in enumerate(np.flatnonzero(labels == c)[:per_class]):
             save_varied(digit_photo(images[idx], rng), d, name, i, c)
     return write_broken_files(root / NAMES[0], digit_photo(images[0], rng))[0] if broken else []
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def seeds_list(s: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, got {s!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative seeds separated by commas, got {s!r}")
-    return seeds
 
 
 def main() -> None:

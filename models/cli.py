@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "number", "fraction", "seed_int", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "number", "fraction", "seed_int", "seeds_list", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 EXIT_ERROR = 2         # what argparse itself returns for a usage error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -49,6 +49,17 @@ def seed_int(s: str) -> int:
     if not 0 <= v < 2 ** 32:
         raise argparse.ArgumentTypeError(f"must be between 0 and {2 ** 32 - 1}, got {v}")
     return v
+
+
+def seeds_list(s: str) -> list[int]:
+    """Seeds separated by commas ("42,1,2"), for the benches that run once per seed."""
+    try:
+        seeds = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, got {s!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative seeds separated by commas, got {s!r}")
+    return seeds
 
 
 def port_int(s: str) -> int:
