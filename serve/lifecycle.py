@@ -25,6 +25,7 @@ shutdown, and returns: the process exits 0. A second Ctrl-C stops at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -53,6 +54,18 @@ def _json(status: int, payload: dict, *, retry_after: int | None = None, close: 
     if close:  # uvicorn ends the connection after this response
         headers.append((b"connection", b"close"))
     return status, headers, body
+
+
+def _freeze_heap() -> None:
+    """Move what start-up left alive (torch's, fastai's, onnxruntime's and Gradio's modules: ~450,000
+    objects) into the garbage collector's permanent generation, which it never scans.
+    Without this, a digit request's p99 under load was a full collection's pause: every ~4 s at
+    1,000 req/s one ran over the whole heap for ~240 ms, holding the event loop (p50 14 ms, p99
+    208 ms, against LitServe's 45 ms; bench/serve_photos.py). The objects made while serving are
+    still collected as before; only these are kept for the process's life, as they would be anyway."""
+    gc.collect()  # what is garbage now goes first, never into the permanent generation
+    gc.freeze()
+    log.info("garbage collector: %d objects of start-up set aside", gc.get_freeze_count())
 
 
 class Lifecycle:
@@ -182,6 +195,7 @@ class Lifecycle:
                 await self._warm_up(app)
                 log.info("warm-up forward pass: %.0f ms", (time.perf_counter() - t) * 1e3)
             if self.state == STARTING:
+                _freeze_heap()
                 self.state = SERVING
                 log.info("ready")
         except asyncio.CancelledError:

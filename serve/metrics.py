@@ -14,13 +14,20 @@ global one), so that two apps in one process (tests, notebooks) count apart:
     serve_rejected_total{reason}               counter: requests refused by a limit (the reasons
                                                are `REASONS`)
     serve_model_info{name, format, device}     the model served
+    python_gc_collections_total{generation}    prometheus_client's GC collector: collections run, and
+    python_gc_objects_collected_total{...}     objects they freed, per generation
+    python_gc_frozen_objects                   gauge: objects of start-up kept out of every collection
+                                               (serve/lifecycle.py's `_freeze_heap`)
 
 `endpoint` is a route of the app or a fixed prefix of Gradio's (`endpoint_of`), never the raw
 path: a stranger's made-up paths all count as "other" and cannot grow the label set.
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+import gc
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, GCCollector, Gauge, Histogram, Info,
+                               generate_latest)
 
 __all__ = ["Metrics", "REASONS", "CONTENT_TYPE", "endpoint_of"]
 
@@ -79,6 +86,9 @@ class Metrics:
         for reason in REASONS:  # every series exists from the start, at 0: a rate() over it is defined
             self.rejected.labels(reason)
         Info("serve_model", "the model served", registry=r).info({"name": name, "format": format, "device": device})
+        GCCollector(registry=r)
+        Gauge("python_gc_frozen_objects", "objects in the garbage collector's permanent generation",
+              registry=r).set_function(gc.get_freeze_count)
 
     def reject(self, reason: str) -> None:
         if reason not in REASONS:
