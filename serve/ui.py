@@ -37,6 +37,7 @@ from fastapi import HTTPException
 from PIL import Image
 
 from models.imageio import ImageError
+from serve.batcher import Overloaded
 from serve.predictor import Predictor
 
 __all__ = ["build_ui", "describe", "is_digit_model", "sketch_to_digit", "image_input", "InputFiles", "Refused"]
@@ -431,7 +432,10 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
         if batcher is not None:
             # Gradio's queue has gathered this batch already: no waiting, but HTTP requests
             # queued meanwhile share the forward pass.
-            probs = await batcher.submit(tensors, max_wait_ms=0)
+            try:
+                probs = await batcher.submit(tensors, max_wait_ms=0)
+            except Overloaded as e:  # the queue is full or waited too long: say so, as the API's 503 does
+                raise gr.Error(str(e), print_exception=False) from None
         else:
             probs = await asyncio.to_thread(predictor.probabilities, tensors)
         return shown(predictor.top_k(probs, k))
