@@ -25,6 +25,7 @@ def run(cfg) -> Path | None:
     from train import distributed
     from train.data import DataError, build_dataloaders, load_data
     from train.export import evaluate, evaluate_multi_label, export_model
+    from train.precision import precision_of
     from train.learner import (RESUMED_STATE, TrainError, build_learner, find_lr, fit, load_checkpoint, pick_device,
                                plan_phases)
     from train.mnist import MnistError
@@ -118,7 +119,9 @@ def run(cfg) -> Path | None:
         else:
             interp, metrics = evaluate(learn, outputs=last_validation)
         metrics["_interp"] = interp
-        out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, str(device),
+        precision = precision_of(learn)
+        trained_on = str(device) if precision == "fp32" else f"{device} ({precision} mixed precision)"
+        out = export_model(learn, cache, cfg, metrics, mean, std, lr, fit_seconds, trained_on,
                            history=state["history"], fit=summary)
     shutil.rmtree(ckpt.parent, ignore_errors=True)  # the model folder is complete: the checkpoint is spent
     if not cfg.quiet:

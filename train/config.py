@@ -41,7 +41,7 @@ DEFAULT_PATIENCE = 0
 PATH_FIELDS = ("source", "out", "init", "mnist_dir", "cache_dir", "labels")
 # What `--resume` must find as the checkpoint has it: each changes the data, the split, the start or the
 # schedule (a new --seed or --valid-pct re-splits an unsplit folder, so images already trained on would be
-# validated on). --device, --workers and --quiet change how the run goes, not what it computes, and are free.
+# validated on). --device, --precision, --workers and --quiet change how the run goes, not what it computes, and are free.
 RESUME_FIXED = ("source", "out", "mnist_dir", "pretrained", "init", "size", "bs", "epochs", "valid_pct", "seed",
                 "augment", "flip", "labels", "file_col", "label_col", "label_delim", "threshold", "patience")
 
@@ -60,6 +60,7 @@ class TrainConfig:
     pretrained: bool = False         # start from torchvision's ImageNet weights (torch hub cache)
     init: str = ""                   # start from the body of a model folder this project exported
     device: str = "auto"             # auto: CUDA, then MPS, then CPU
+    precision: str = "auto"          # auto: mixed (bf16/fp16) where the device computes it natively; fp32
     augment: bool | None = None      # batch-level flips/rotations/zoom/lighting on the training set
     flip: bool = True                # horizontal flips when augmenting (never for digits)
     resume: bool = False             # continue from the last checkpoint of the same --out
@@ -195,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--init", default="", metavar="MODEL_FOLDER",
                        help="fine-tune from the body of a model folder exported earlier (e.g. models/mnist)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
-                   help="auto picks CUDA, then MPS, then CPU; mixed precision on a GPU (default auto)")
+                   help="auto picks CUDA, then MPS, then CPU (default auto)")
+    p.add_argument("--precision", choices=["auto", "fp32"], default="auto",
+                   help="auto trains in mixed precision where the device computes it natively: bf16 (else fp16) "
+                        "on CUDA, bf16 on CPUs with AVX512-BF16 or AMX (~1.5x faster here), fp32 elsewhere; "
+                        "weights and validation stay fp32. fp32: full precision throughout (default auto)")
     aug = p.add_mutually_exclusive_group()
     aug.add_argument("--augment", dest="augment", action="store_true", default=None,
                      help="batch augmentation: flips, small rotations, zoom, warp, lighting "
@@ -208,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its last checkpoint: the same source, --out and "
                         "settings (a changed --seed, --valid-pct, --lr, --augment, --no-flip, --size, --bs, "
                         "--epochs, --patience... is refused, and so is another number of processes under torchrun); "
-                        "--device, --workers and --quiet may differ")
+                        "--device, --precision, --workers and --quiet may differ")
     p.add_argument("--patience", type=non_negative_int, default=None, metavar="N",
                    help="early stopping: stop when the validation loss has not improved for N epochs, and "
                         "export the epoch with the lowest validation loss instead of the last (counted over "

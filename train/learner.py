@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import fastai.callback.channelslast  # noqa: F401  (patches Learner.to_channelslast)
-import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16 / to_bf16)
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / lr_find)
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
@@ -33,6 +32,7 @@ from torchvision.models import resnet18
 from models.device import DeviceError, pick_device as _pick_device
 from train.runlog import History, epoch_ran
 from train import distributed
+from train.precision import apply_precision, remove_precision
 from train.smallmaps import small_map_convs
 from train.stopping import BestEpoch, Patience, restore_best
 
@@ -181,9 +181,7 @@ def build_learner(dls, cfg, device: torch.device, workdir: Path, multi_label: bo
     if cfg.init:
         init_body(learn, cfg.init)
     learn.model.to(device)
-    if device.type == "cuda":
-        # Mixed precision on the GPU: bf16 where supported (no loss scaling needed), else fp16.
-        learn.to_fp16() if not torch.cuda.is_bf16_supported() else learn.to_bf16()
+    apply_precision(learn, device, cfg.precision)  # mixed where native: train/precision.py
     if device.type == "cpu":
         learn.to_channelslast(use_amp=False)  # oneDNN's convolutions are ~1.4x faster in NHWC here
     return learn
@@ -209,8 +207,7 @@ def detach_training_callbacks(learn: Learner) -> None:
             learn.remove_cb(getattr(learn, name))
     if hasattr(learn, "channels_last"):
         learn.to_contiguous(to_fp32=True)
-    if hasattr(learn, "mixed_precision"):
-        learn.to_fp32()
+    remove_precision(learn)
     learn.logger = print
 
 

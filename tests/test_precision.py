@@ -1,0 +1,97 @@
+"""Mixed precision in training (train/precision.py): on a CPU with native bf16, training batches run
+under bf16 autocast; validation, the weights, the optimiser and the export stay fp32. Without native
+bf16, and with --precision fp32, everything is fp32."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from train.precision import cpu_has_native_bf16
+
+NATIVE = cpu_has_native_bf16()
+
+
+def _fit_recording_dtypes(folder, tmp_path, precision: str) -> tuple[set, set, object]:
+    """Fit one epoch on `folder`; the dtypes of the first convolution's output in training batches
+    and in validation batches, and the learner."""
+    from fastai.torch_core import set_seed
+    from train.config import TrainConfig
+    from train.data import build_dataloaders, load_data
+    from train.learner import build_learner, fit, plan_phases
+    set_seed(0, reproducible=True)
+    cfg = TrainConfig(source=str(folder), out=str(tmp_path / "m"), epochs=1, size=28, bs=32, lr="0.01",
+                      augment=False, quiet=True, precision=precision).resolve()
+    cache = load_data(cfg.source, 28, progress=False)
+    learn = build_learner(build_dataloaders(cache, 32, *cache.stats()), cfg, torch.device("cpu"), tmp_path)
+    seen = {True: set(), False: set()}
+    hook = learn.model[0][0].register_forward_hook(lambda m, i, out: seen[m.training].add(out.dtype))
+    fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
+    hook.remove()
+    return seen[True], seen[False], learn
+
+
+def test_training_batches_in_bf16_where_native_validation_in_fp32(mnist_folder, tmp_path):
+    from train.precision import precision_of
+    train_dtypes, valid_dtypes, learn = _fit_recording_dtypes(mnist_folder, tmp_path, "auto")
+    assert train_dtypes == ({torch.bfloat16} if NATIVE else {torch.float32})
+    assert valid_dtypes == {torch.float32}  # metrics and the best epoch are the fp32 weights' own
+    assert precision_of(learn) == ("bf16" if NATIVE else "fp32")
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert all(v.dtype == torch.float32 for s in learn.opt.state_dict()["state"].values()
+               for v in s.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_precision_fp32_keeps_everything_in_fp32(mnist_folder, tmp_path):
+    from train.precision import precision_of
+    train_dtypes, valid_dtypes, learn = _fit_recording_dtypes(mnist_folder, tmp_path, "fp32")
+    assert train_dtypes == valid_dtypes == {torch.float32}
+    assert precision_of(learn) == "fp32"
+
+
+def test_the_model_folder_says_what_it_trained_in(mnist_model):
+    """The mnist_model fixture trains with the defaults (--precision auto); its pickle holding
+    nothing of ours is tests/test_train.py's test_export_loads_in_a_fresh_process."""
+    meta = json.loads((mnist_model / "metadata.json").read_text())
+    assert meta["device"] == ("cpu (bf16 mixed precision)" if NATIVE else "cpu")
+    assert meta["config"]["precision"] == "auto"
+    assert f"device: {meta['device']}" in (mnist_model / "README.md").read_text()
+
+
+def test_help_says_what_auto_picks():
+    from train.config import build_parser
+    text = build_parser().format_help()
+    assert "--precision {auto,fp32}" in text and "AVX512-BF16" in text
+
+
+def test_a_cancelled_batch_leaves_autocast(mnist_folder, tmp_path):
+    """A batch cut short after the forward pass (fastai's CancelBatchException, as callbacks raise
+    it) must not leave autocast on for what runs next, such as validation."""
+    from fastai.callback.core import Callback, CancelBatchException
+    from fastai.torch_core import set_seed
+    from train.config import TrainConfig
+    from train.data import build_dataloaders, load_data
+    from train.learner import build_learner, fit, plan_phases
+
+    class CancelAfterPred(Callback):
+        order = 20
+
+        def after_pred(self):
+            if self.training:
+                raise CancelBatchException()
+
+    set_seed(0, reproducible=True)
+    cfg = TrainConfig(source=str(mnist_folder), out=str(tmp_path / "m"), epochs=1, size=28, bs=32, lr="0.01",
+                      augment=False, quiet=True).resolve()
+    cache = load_data(cfg.source, 28, progress=False)
+    learn = build_learner(build_dataloaders(cache, 32, *cache.stats()), cfg, torch.device("cpu"), tmp_path)
+    learn.add_cb(CancelAfterPred())
+    seen = set()
+
+    def record(module, inputs, out):  # validation's dtypes (a hook returning a value would replace the output)
+        if not module.training:
+            seen.add(out.dtype)
+    hook = learn.model[0][0].register_forward_hook(record)
+    fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
+    hook.remove()
+    assert seen == {torch.float32} and not torch.is_autocast_enabled("cpu")
