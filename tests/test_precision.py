@@ -12,9 +12,9 @@ from train.precision import cpu_has_native_bf16
 NATIVE = cpu_has_native_bf16()
 
 
-def _fit_recording_dtypes(folder, tmp_path, precision: str) -> tuple[set, set, object]:
-    """Fit one epoch on `folder`; the dtypes of the first convolution's output in training batches
-    and in validation batches, and the learner."""
+def _fit_recording_dtypes(folder, tmp_path, precision: str, *cbs) -> tuple[set, set, object]:
+    """Fit one epoch on `folder` (with the callbacks `cbs` added); the dtypes of the first
+    convolution's output in training batches and in validation batches, and the learner."""
     from fastai.torch_core import set_seed
     from train.config import TrainConfig
     from train.data import build_dataloaders, load_data
@@ -24,6 +24,8 @@ def _fit_recording_dtypes(folder, tmp_path, precision: str) -> tuple[set, set, o
                       augment=False, quiet=True, precision=precision).resolve()
     cache = load_data(cfg.source, 28, progress=False)
     learn = build_learner(build_dataloaders(cache, 32, *cache.stats()), cfg, torch.device("cpu"), tmp_path)
+    for cb in cbs:
+        learn.add_cb(cb)
     seen = {True: set(), False: set()}
     hook = learn.model[0][0].register_forward_hook(lambda m, i, out: seen[m.training].add(out.dtype))
     fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
@@ -68,10 +70,6 @@ def test_a_cancelled_batch_leaves_autocast(mnist_folder, tmp_path):
     """A batch cut short after the forward pass (fastai's CancelBatchException, as callbacks raise
     it) must not leave autocast on for what runs next, such as validation."""
     from fastai.callback.core import Callback, CancelBatchException
-    from fastai.torch_core import set_seed
-    from train.config import TrainConfig
-    from train.data import build_dataloaders, load_data
-    from train.learner import build_learner, fit, plan_phases
 
     class CancelAfterPred(Callback):
         order = 20
@@ -80,21 +78,8 @@ def test_a_cancelled_batch_leaves_autocast(mnist_folder, tmp_path):
             if self.training:
                 raise CancelBatchException()
 
-    set_seed(0, reproducible=True)
-    cfg = TrainConfig(source=str(mnist_folder), out=str(tmp_path / "m"), epochs=1, size=28, bs=32, lr="0.01",
-                      augment=False, quiet=True).resolve()
-    cache = load_data(cfg.source, 28, progress=False)
-    learn = build_learner(build_dataloaders(cache, 32, *cache.stats()), cfg, torch.device("cpu"), tmp_path)
-    learn.add_cb(CancelAfterPred())
-    seen = set()
-
-    def record(module, inputs, out):  # validation's dtypes (a hook returning a value would replace the output)
-        if not module.training:
-            seen.add(out.dtype)
-    hook = learn.model[0][0].register_forward_hook(record)
-    fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
-    hook.remove()
-    assert seen == {torch.float32} and not torch.is_autocast_enabled("cpu")
+    _, valid_dtypes, _ = _fit_recording_dtypes(mnist_folder, tmp_path, "auto", CancelAfterPred())
+    assert valid_dtypes == {torch.float32} and not torch.is_autocast_enabled("cpu")
 
 
 def test_a_one_epoch_mnist_run_defaults_to_fp32():

@@ -53,21 +53,16 @@ class CpuMixedPrecision(Callback):
             self._autocast = None
 
 
-def apply_precision(learn: Learner, device: torch.device, precision: str = "auto") -> str:
-    """Set the learner's training precision (`precision`: one of PRECISIONS); returns what it runs
-    in: 'bf16', 'fp16' or 'fp32'."""
+def apply_precision(learn: Learner, device: torch.device, precision: str = "auto") -> None:
+    """Set the learner's training precision (`precision`: one of PRECISIONS); `precision_of` says
+    which it got."""
     if precision == "fp32" or device.type not in ("cpu", "cuda"):
-        return "fp32"  # MPS: fastai's MixedPrecision is CUDA-only, and ours CPU-only
+        return  # MPS: fastai's MixedPrecision is CUDA-only, and ours CPU-only
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():  # bf16 needs no loss scaling (fp32's range)
-            learn.to_bf16()
-            return "bf16"
-        learn.to_fp16()
-        return "fp16"
-    if not cpu_has_native_bf16():
-        return "fp32"
-    learn.add_cb(CpuMixedPrecision())
-    return "bf16"
+        # bf16 needs no loss scaling (fp32's range)
+        learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
+    elif cpu_has_native_bf16():
+        learn.add_cb(CpuMixedPrecision())
 
 
 def precision_of(learn: Learner) -> str:
