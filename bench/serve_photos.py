@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.photoset_large import PHONE_SIZE, parse_size  # noqa: E402
+from models.cli import int_list  # noqa: E402
 
 log = logging.getLogger("bench.serve_photos")
 HOST = "127.0.0.1"  # loopback only
@@ -400,16 +401,6 @@ def digit_inputs(args, tmp: Path) -> tuple[Path, list[Path], list[str]]:
     return Path(model), files, truth
 
 
-def thread_list(s: str) -> list[int]:
-    try:
-        v = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated thread counts, e.g. 1,2, got {s!r}") from None
-    if not v or min(v) < 1:
-        raise argparse.ArgumentTypeError("thread counts must be >= 1")
-    return v
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phases", default="photos,digits", help="comma-separated: photos, digits (default both)")
@@ -425,7 +416,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds of (ours, peer), alternating who goes first")
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per run (default 20)")
     p.add_argument("--warmup", type=float, default=5.0, help="discarded seconds before each run (default 5)")
-    p.add_argument("--peer-threads", type=thread_list, default=[1, 2], help="torch thread counts to try for the peer")
+    p.add_argument("--peer-threads", type=int_list("thread counts", 1), default=[1, 2], help="torch thread counts to try for the peer")
     p.add_argument("--calib-seconds", type=float, default=10.0, help="seconds per peer calibration run (default 10)")
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--wrk-timeout", type=float, default=60.0, help="wrk's per-request timeout, s (default 60)")

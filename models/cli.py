@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-__all__ = ["positive_int", "non_negative_int", "positive_float", "number", "fraction", "seed_int", "seeds_list", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+__all__ = ["positive_int", "non_negative_int", "positive_float", "number", "fraction", "seed_int", "int_list", "seeds_list", "port_int", "run_cli", "EXIT_ERROR", "EXIT_INTERRUPTED"]
 
 EXIT_ERROR = 2         # what argparse itself returns for a usage error
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -51,15 +51,23 @@ def seed_int(s: str) -> int:
     return v
 
 
-def seeds_list(s: str) -> list[int]:
-    """Seeds separated by commas ("42,1,2"), for the benches that run once per seed."""
-    try:
-        seeds = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seeds separated by commas, got {s!r}") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative seeds separated by commas, got {s!r}")
-    return seeds
+def int_list(what: str, minimum: int):
+    """An argparse type for integers separated by commas ("42,1,2"), each at least `minimum`;
+    `what` names them in the error ("seeds", "thread counts")."""
+    def parse(s: str) -> list[int]:
+        try:
+            values = [int(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {s!r}") from None
+        if not values or min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum} separated by commas, got {s!r}")
+        return values
+    parse.__name__ = what.replace(" ", "_")  # argparse names the type in its error
+    return parse
+
+
+# For the benches that run once per seed.
+seeds_list = int_list("seeds", 0)
 
 
 def port_int(s: str) -> int:

@@ -198,6 +198,17 @@ def test_bad_flags_are_argparse_errors(tmp_path):
     assert r.returncode == 2 and "expected a number or 'auto'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bench/train_mnist.py", "--seeds", "42,x"], "expected seeds separated by commas, got '42,x'"),
+    (["bench/train_mnist.py", "--seeds", "-1"], "expected seeds >= 0"),
+    (["bench/serve_photos.py", "--peer-threads", "0,2"], "expected thread counts >= 1"),
+])
+def test_bench_lists_of_numbers_are_argparse_errors(argv, message):
+    # models.cli.int_list, the one parser of "42,1,2"-style flags, seen from the benches' command lines
+    r = subprocess.run([PY, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["mnist"], dict(epochs=3, bs=256, lr="0.02", size=28, augment=True, flip=False)),
     (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.008", augment=False)),  # one epoch: more, smaller steps
