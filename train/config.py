@@ -34,7 +34,7 @@ MNIST_ONE_EPOCH = dict(lr=0.008, bs=128, augment=False, precision="fp32")
 # Photo folders: 224 px is what ImageNet weights expect; from scratch 128 px keeps a CPU run short.
 PHOTO_DEFAULTS = dict(epochs=5, lr=None, bs=64, size=None, augment=True)
 # Early stopping, off for both: one-cycle's rate peaks early in the run and anneals to the end, so the
-# validation loss of a short fixed schedule (MNIST's 2 epochs, photos' 5) often rises mid-run and is
+# validation loss of a short fixed schedule (MNIST's 3 epochs, photos' 5) often rises mid-run and is
 # lowest in the last epoch; a patience would stop such a run at its noisiest point. It pays with a
 # budget longer than the data needs (--epochs 30 --patience 3). A source's defaults above may set
 # `patience` to override this.
