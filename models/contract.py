@@ -364,10 +364,11 @@ class Preprocessing:
         from fasttransform import Pipeline
         return Pipeline(item_transforms(self.image_size), split_idx=1)  # 1: validation, no augmentation
 
-    def prepare(self, src):
+    def prepare(self, src, gate=None):
         """Decode one image and resize it: a uint8 (3, S, S) tensor. `src` is a path, bytes, a binary
         file object, a PIL image or an array. Raises `models.imageio.ImageError` for anything that is
-        not a usable image. Safe to call from many threads at once."""
+        not a usable image. Safe to call from many threads at once. `gate`: `models.imageio.open_image`'s
+        (a server's decoding budget)."""
         import numpy as np
         import torch
         from PIL import Image
@@ -379,7 +380,7 @@ class Preprocessing:
         if not isinstance(src, (str, Path, bytes, Image.Image, np.ndarray, torch.Tensor)):
             raise ImageError(f"cannot read an image from a {type(src).__name__}")
         try:
-            img = RGBImage.create(src, size=self.image_size)  # reduced decoding, as the training cache
+            img = RGBImage.create(src, size=self.image_size, gate=gate)  # reduced decoding, as the training cache
         except TypeError as e:  # an array Pillow has no mode for (float64, 5 channels...)
             raise ImageError(f"cannot read an image from this array ({e})") from None
         return self.resize(img)

@@ -16,9 +16,13 @@ What it takes care of, beyond `PIL.Image.open(...).convert("RGB")`:
   straight at 1/2, 1/4 or 1/8 scale in the DCT (`Image.draft`), and any other large image is
   box-reduced by an integer factor (`Image.reduce`), never below twice that size, so the final
   resize still downsamples (crisp) and a 12-megapixel photo costs a fraction of a full decode.
+- a decoding budget (`gate`): the caller may hold each decode to a share of a budget, charged the
+  pixels the decode will produce (known from the header, after the DCT scale is chosen), so a
+  server bounds the memory of all its decodes together (`serve.limits.DecodeBudget`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
@@ -92,12 +96,15 @@ def _as_pair(size) -> tuple[int, int] | None:
     return int(w), int(h)
 
 
-def open_image(src, max_pixels: int = MAX_PIXELS, size: int | tuple[int, int] | None = None) -> Image.Image:
+def open_image(src, max_pixels: int = MAX_PIXELS, size: int | tuple[int, int] | None = None,
+               gate=None) -> Image.Image:
     """Decode `src` (a path, bytes, a binary file object or a PIL image) into a loaded RGB image.
 
     `size` (S or (w, h), in pixels): what the caller resizes the image to next. Then a large image
     comes back reduced, at no less than `REDUCE_MARGIN` times that size in each dimension (see
     the module's docstring); without it, at full size. The pixel limit applies to the stored size.
+    `gate(pixels)`: a context manager held while the pixels are decoded and converted, given the
+    number the decode produces (the stored size, or the DCT-scaled one); it may wait for its turn.
 
     Raises `ImageError` with a reason a person can act on; never anything else for bad data.
     """
@@ -140,11 +147,14 @@ def open_image(src, max_pixels: int = MAX_PIXELS, size: int | tuple[int, int] | 
             # larger target side both ways keeps the margin whichever way the photo is turned.
             side = REDUCE_MARGIN * max(target)
             im.draft(None, (side, side))  # mode None: decode to the stored mode, as a full decode does
-        turned = im.getexif().get(ORIENTATION) in (5, 6, 7, 8)  # EXIF says: stored sideways
-        im.load()  # decode now, so truncation surfaces here and not inside a DataLoader
-        im = _to_rgb(ImageOps.exif_transpose(im))
-        if target is not None and (k := _reduce_factor(im.size, target)) > 1:
-            im = im.reduce(k)
+        dw, dh = im.size  # after draft(): what the decoder will produce
+        with gate(dw * dh) if gate is not None else contextlib.nullcontext():
+            # Inside the gate: for a PNG, whose EXIF may follow the pixels, getexif() decodes them all.
+            turned = im.getexif().get(ORIENTATION) in (5, 6, 7, 8)  # EXIF says: stored sideways
+            im.load()  # decode now, so truncation surfaces here and not inside a DataLoader
+            im = _to_rgb(ImageOps.exif_transpose(im))
+            if target is not None and (k := _reduce_factor(im.size, target)) > 1:
+                im = im.reduce(k)
         im.info[ORIGINAL_SIZE] = (h, w) if turned else (w, h)  # upright (width, height) of the full image
         return im
     except ImageError:
@@ -167,7 +177,7 @@ class RGBImage(PILImage):
 
     @classmethod
     def create(cls, fn: Path | str | bytes | Image.Image | np.ndarray | torch.Tensor, size: int | None = None,
-               **kwargs) -> "RGBImage":
+               gate=None, **kwargs) -> "RGBImage":
         # The type hint is read by fastai (`input_types`): `test_dl` and `predict` accept any of these.
         if isinstance(fn, cls):
             return fn
@@ -177,4 +187,4 @@ class RGBImage(PILImage):
             fn = fn.to(torch.uint8).numpy()
         if isinstance(fn, np.ndarray):
             fn = Image.fromarray(fn)
-        return cls(open_image(fn, size=size))  # `size`: what the image is resized to next (reduced decoding)
+        return cls(open_image(fn, size=size, gate=gate))  # `size`: what it is resized to next (reduced decoding)

@@ -17,6 +17,7 @@ from serve.source import FORMAT_CHOICES, FORMAT_HELP, TRUST_REMOTE_CODE_HELP, qu
 
 def build_parser() -> argparse.ArgumentParser:
     from serve.app import GRACE_S, UPLOAD_TTL
+    from models.imageio import MAX_PIXELS
     from serve.limits import BODY_MIN_RATE, Limits
     d = Limits()
     p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"MB of request bodies held at once, server-wide; beyond: 503 with Retry-After "
                         f"(default {d.max_inflight_mb:g}; the server's memory grows by about 1.1 MB per MB "
                         f"held, plus decoding)")
+    p.add_argument("--max-decode-mp", type=positive_float, default=d.max_decode_mp, metavar="MP",
+                   help=f"megapixels being decoded at once, API and UI together; more wait their turn "
+                        f"(default {d.max_decode_mp:g}: two images at the {MAX_PIXELS / 1e6:g} MP limit; decoding "
+                        f"costs ~7 bytes per pixel, ~14 for 16-bit images)")
     p.add_argument("--max-connections", type=positive_int, default=d.max_connections,
                    help=f"open connections; a new one beyond them is answered 503 and closed "
                         f"(default {d.max_connections})")
@@ -76,7 +81,8 @@ def serve(args) -> None:
     limits = Limits(max_files=args.max_files, max_file_mb=args.max_file_mb, max_batch=args.max_batch,
                     max_request_mb=args.max_request_mb, max_inflight_mb=args.max_inflight_mb,
                     max_connections=args.max_connections, keep_alive_s=args.keep_alive,
-                    body_timeout_s=args.body_timeout, max_queue=args.max_queue, queue_timeout_s=args.timeout)
+                    body_timeout_s=args.body_timeout, max_queue=args.max_queue, queue_timeout_s=args.timeout,
+                    max_decode_mp=args.max_decode_mp)
     from serve.predictor import Predictor, configure_threads
     # The event loop (HTTP parsing, Gradio's queue, decoding) keeps about one core busy under load.
     threads = configure_threads(1, args.threads)

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 
 from models.imageio import ImageError
 from serve.batcher import MicroBatcher, Overloaded
-from serve.limits import InflightBudget, Limits, RequestLimits
+from serve.limits import DecodeBudget, InflightBudget, Limits, RequestLimits
 from serve.metrics import Metrics
 from serve.predictor import Predictor
 
@@ -218,6 +218,11 @@ def build_api(predictor: Predictor, limits: Limits = Limits(), decode_workers: i
                                       max_queue=limits.max_queue, timeout_s=limits.queue_timeout_s, metrics=metrics)
     budget = InflightBudget(limits.max_inflight_bytes)
     decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+    # Every decode for this predictor, these threads' and the Gradio UI's mounted beside (its
+    # validators run in up to 40 threads), shares one budget of pixels.
+    decoding = DecodeBudget(limits.max_decode_pixels)
+    predictor.decode_gate = decoding.hold
+    metrics.watch_decoding(decoding)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

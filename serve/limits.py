@@ -7,6 +7,13 @@
   routes mounted beside it), that counts the body bytes of every request in flight against one
   budget and times the body. Refusals: 413 (one body over `max_request_mb`), 503 with Retry-After
   (the budget is full), 408 (the body is too slow), each as JSON `{"error": ...}`.
+- `DecodeBudget`: the pixels being decoded at once, server-wide, by the API's decoding threads and
+  Gradio's validators alike (decoding, not the bodies, is what a request costs most: ~7 bytes per
+  pixel of an 8-bit image, ~14 of a 16-bit one). A decode waits, first come first served, until
+  its pixels fit.
+- `return_large_frees`: glibc's malloc keeps what a thread frees for that thread's next use, so
+  decodes spread over Gradio's many threads would each leave their image's memory held; with
+  this, large blocks go back to the system when freed.
 - `guarded_protocol`: uvicorn's own HTTP protocol with two things uvicorn lacks: a deadline for the
   request head (uvicorn waits for headers forever once a byte has arrived) and a cap on open
   connections (uvicorn's `limit_concurrency` still accepts every connection and answers 503 only
@@ -19,13 +26,17 @@ so a few slow clients cannot fill the budget for everyone.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 
 from models.imageio import MAX_PIXELS
 
-__all__ = ["Limits", "RequestLimits", "InflightBudget", "guarded_protocol", "BODY_MIN_RATE", "RETRY_AFTER_S"]
+__all__ = ["Limits", "RequestLimits", "InflightBudget", "DecodeBudget", "return_large_frees", "guarded_protocol", "BODY_MIN_RATE",
+           "RETRY_AFTER_S"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +79,11 @@ class Limits:
     # it acts for slower models and devices; under --grace, so that what is queued at a
     # SIGTERM is answered before the process exits.
     queue_timeout_s: float = 5.0
+    # Megapixels being decoded at once, server-wide (`DecodeBudget`): two images at the pixel limit,
+    # what the API's two decoding threads held before the budget; ~0.9 GB each at its worst (a
+    # 16-bit PNG). Without it Gradio's validators, run in up to 40 threads, decoded as many at once:
+    # 8 requests of one 64 MP PNG (0.2 MB each) took the server from 0.9 to 4.4 GB.
+    max_decode_mp: float = 128.0
 
     @property
     def max_file_bytes(self) -> int:
@@ -77,6 +93,9 @@ class Limits:
         if self.max_inflight_mb < self.max_request_mb:
             raise ValueError(f"--max-inflight-mb ({self.max_inflight_mb:g}) must be at least --max-request-mb "
                              f"({self.max_request_mb:g}): else the largest request allowed could never be served")
+        if self.max_decode_mp * 1_000_000 < MAX_PIXELS:
+            raise ValueError(f"--max-decode-mp ({self.max_decode_mp:g}) must be at least the pixel limit "
+                             f"({MAX_PIXELS / 1e6:g}): else the largest image allowed could never be decoded")
         if self.max_queue < self.max_files:
             raise ValueError(f"--max-queue ({self.max_queue}) must be at least --max-files ({self.max_files}): "
                              f"else the largest request allowed could never be queued")
@@ -94,13 +113,78 @@ class Limits:
     def max_inflight_bytes(self) -> int:
         return int(self.max_inflight_mb * 1_000_000)
 
+    @property
+    def max_decode_pixels(self) -> int:
+        return int(self.max_decode_mp * 1_000_000)
+
     def as_dict(self) -> dict:
         return {"max_files": self.max_files, "max_file_mb": self.max_file_mb, "max_pixels": MAX_PIXELS,
                 "max_batch": self.max_batch, "max_request_mb": self.max_request_mb,
                 "max_inflight_mb": self.max_inflight_mb, "max_connections": self.max_connections,
                 "keep_alive_s": self.keep_alive_s, "body_timeout_s": self.body_timeout_s,
                 "body_min_rate_kb_s": BODY_MIN_RATE / 1000, "max_queue": self.max_queue,
-                "queue_timeout_s": self.queue_timeout_s}
+                "queue_timeout_s": self.queue_timeout_s, "max_decode_mp": self.max_decode_mp}
+
+
+# --------------------------------------------------------------------------- pixels decoding
+
+class DecodeBudget:
+    """Pixels being decoded at once, across threads. `hold(pixels)` is `models.imageio.open_image`'s
+    `gate`: it blocks until the pixels fit, in arrival order (a large image is not passed over by a
+    stream of small ones), and gives them back when the decode is done. One image larger than the
+    whole budget waits for the budget to empty, then decodes alone. `in_use` and `peak` are read by
+    /metrics."""
+
+    def __init__(self, pixels: int):
+        self.capacity = int(pixels)
+        self.in_use = 0
+        self.peak = 0
+        self._turns: collections.deque = collections.deque()
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = min(int(pixels), self.capacity)
+        turn = object()
+        with self._changed:
+            self._turns.append(turn)
+            while self._turns[0] is not turn or self.in_use + pixels > self.capacity:
+                self._changed.wait()
+            self._turns.popleft()
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+            self._changed.notify_all()  # the next in line may fit beside this one
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= pixels
+                self._changed.notify_all()
+
+
+# glibc's M_MMAP_THRESHOLD (malloc.h): blocks of this many bytes or more get pages of their own.
+_M_MMAP_THRESHOLD = -3
+LARGE_BLOCK = 1 << 20  # bytes: Pillow holds an image in blocks of 16 MB, a digit batch is under 1 MB
+
+
+def return_large_frees() -> bool:
+    """Make every allocation of `LARGE_BLOCK` bytes or more a mapping of its own, unmapped when freed.
+
+    glibc starts with such a threshold (128 kB) but raises it, up to 32 MB, each time a large block
+    is freed, and from then on serves large blocks from per-thread arenas that keep what is freed.
+    A decode in each of Gradio's threads then left its image held: 8 requests of one 64 MP PNG, two
+    decoding at a time, took the server to +1.9 GB and left it at +1.5 GB; with this, +0.9 GB at the
+    peak, back to where it was after. Fixing the threshold stops the raising. A page fault per 4 kB
+    on first use is the cost: ~3 ms for a batch of 64 images at 224 px, against a forward pass of
+    ~0.5-1 s. False where the C library is not glibc (macOS, musl): nothing is changed there."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK))
 
 
 # --------------------------------------------------------------------------- bytes in flight

@@ -11,6 +11,8 @@ global one), so that two apps in one process (tests, notebooks) count apart:
     serve_forward_seconds                      histogram: one forward pass of the model
     serve_batch_images                         histogram: images per forward pass
     serve_queue_images                         gauge: images waiting for the model
+    serve_decode_pixels                        gauge: pixels being decoded now (--max-decode-mp's budget)
+    serve_decode_pixels_peak                   gauge: the most decoded at once since the server started
     serve_rejected_total{reason}               counter: requests refused by a limit (the reasons
                                                are `REASONS`)
     serve_model_info{name, format, device}     the model served
@@ -106,6 +108,13 @@ class Metrics:
     def watch_queue(self, depth) -> None:
         """Read the queue gauge from `depth()` at every scrape (no update to forget)."""
         self.queue.set_function(depth)
+
+    def watch_decoding(self, budget) -> None:
+        """Pixels decoding now and at the peak, read from `budget` (serve.limits.DecodeBudget) at every scrape."""
+        Gauge("serve_decode_pixels", "pixels being decoded now, server-wide",
+              registry=self.registry).set_function(lambda: budget.in_use)
+        Gauge("serve_decode_pixels_peak", "the most pixels decoded at once since the server started",
+              registry=self.registry).set_function(lambda: budget.peak)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

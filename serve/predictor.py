@@ -151,6 +151,9 @@ class Predictor:
             self.device = torch.device("cpu")
             self.network = folder.model
         self._lock = threading.Lock()
+        # `models.imageio.open_image`'s gate for every `prepare`: a server sets its decoding budget
+        # here (`serve.limits.DecodeBudget.hold`), shared by every path that decodes for it.
+        self.decode_gate = None
 
     @classmethod
     def load(cls, path, device: str | torch.device = "auto", optimize: bool = True, format: str = "pickle",
@@ -189,8 +192,9 @@ class Predictor:
         """Decode one image and resize it as training did: a uint8 (3, S, S) tensor.
 
         `src` is a path, bytes, a binary file object, a PIL image or an array. Raises `ImageError`
-        for anything that is not a usable image. Safe to call from many threads at once."""
-        return self.preprocessing.prepare(src)
+        for anything that is not a usable image. Safe to call from many threads at once; with a
+        `decode_gate`, each call waits for its pixels to fit the budget."""
+        return self.preprocessing.prepare(src, gate=self.decode_gate)
 
     def probabilities(self, items: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         """One forward pass over prepared items (a list of them, or already stacked into one
