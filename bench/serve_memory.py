@@ -14,6 +14,10 @@ The server's resident memory comes from /proc (its peak reset before each phase)
               nothing read
   connections `--max-connections` idle connections (what each costs in memory), one more (503),
               how long the server keeps the idle ones (`--keep-alive`), and a valid request after
+  ui_burst    `--ui-burst` Gradio requests at once through gradio_client, each one 8000x8000 PNG
+              that is small on the wire (a ramp, 0.2 MB) but 64 MP to decode: what bounds it is
+              `--max-decode-mp` (pixels decoding at once, server-wide), not the bodies; the peak
+              decoding /metrics saw, and the memory held once the burst is answered
 
 `--checkout DIR` serves from another checkout (e.g. one before the limits existed, with
 `--no-limit-flags`) for a before/after comparison. Progress goes to stderr; the last line on stdout
@@ -123,12 +127,60 @@ def start(model: str, checkout: Path, flags: list[str], timeout: float = 300) ->
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
         try:
-            health(port)
-            return proc, port
-        except OSError:
-            time.sleep(0.5)
+            if "limits" in health(port):  # ready: while it starts, /v1/health answers 503 without them
+                return proc, port
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
     stop_server(proc)
     raise SystemExit(f"server did not answer /v1/health within {timeout:.0f} s")
+
+
+def ramp_png() -> bytes:
+    """An 8000x8000 RGB PNG of ~0.2 MB (a horizontal ramp): the pixel limit's decode for a tiny upload."""
+    import numpy as np
+    from PIL import Image
+    row = np.linspace(0, 255, SIDE, dtype=np.float32).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (SIDE, SIDE, 3)))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ui_burst_phase(pid: int, port: int, n: int, folder: Path) -> dict:
+    """`n` gradio_client predictions of one `ramp_png` each, all at once."""
+    from gradio_client import Client, handle_file
+    path = folder / "ramp.png"
+    path.write_bytes(ramp_png())
+    client = Client(f"http://{HOST}:{port}/", verbose=False, httpx_kwargs={"timeout": 600})
+    reset_peak(pid)
+    before = memory_mb(pid)
+    outcomes: list = [None] * n
+
+    def one(i):
+        try:
+            client.predict(handle_file(str(path)), api_name="/predict")
+            outcomes[i] = "ok"
+        except Exception as e:  # noqa: BLE001  (counted)
+            outcomes[i] = f"{type(e).__name__}: {e}"[:200]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    time.sleep(1)
+    mem = memory_mb(pid)
+    conn = http.client.HTTPConnection(HOST, port, timeout=30)
+    conn.request("GET", "/metrics")
+    metrics = conn.getresponse().read().decode()
+    peak = [float(line.split()[1]) for line in metrics.splitlines() if line.startswith("serve_decode_pixels_peak ")]
+    return {"requests": n, "file_bytes": path.stat().st_size, "ok": outcomes.count("ok"),
+            "errors": sorted({o for o in outcomes if o != "ok"})[:3], "s": round(seconds, 1),
+            "rss_before_mb": before["rss_mb"], **mem,
+            "peak_over_before_mb": round(mem["peak_rss_mb"] - before["rss_mb"], 1),
+            "held_after_mb": round(mem["rss_mb"] - before["rss_mb"], 1),
+            "decode_peak_mp": peak[0] / 1e6 if peak else None}
 
 
 def connections_phase(pid: int, port: int, limits: dict) -> dict:
@@ -167,12 +219,16 @@ def main(argv=None) -> dict:
     p.add_argument("--checkout", type=Path, default=ROOT, help="serve from this checkout")
     p.add_argument("--no-limit-flags", action="store_true", help="for a checkout without --max-request-mb")
     p.add_argument("--request-mb", type=float, default=None, help="with --no-limit-flags: the request size to send")
+    p.add_argument("--ui-burst", type=int, default=32, help="Gradio requests at once in the ui_burst phase (0: skip)")
+    p.add_argument("--max-decode-mp", type=float, default=None, help="default: the server's")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio_client logs every request at INFO
 
     flags = ["--max-file-mb", str(args.max_file_mb)]
     if not args.no_limit_flags:
-        for flag, v in (("--max-request-mb", args.max_request_mb), ("--max-inflight-mb", args.max_inflight_mb)):
+        for flag, v in (("--max-request-mb", args.max_request_mb), ("--max-inflight-mb", args.max_inflight_mb),
+                        ("--max-decode-mp", args.max_decode_mp)):
             if v is not None:
                 flags += [flag, str(v)]
     proc, port = start(args.model, args.checkout.resolve(), flags)
@@ -255,7 +311,13 @@ def main(argv=None) -> dict:
                 conn.close()
             summary["refusals"] = refusals
             summary["connections"] = connections_phase(proc.pid, port, health(port)["limits"])
+        if args.ui_burst:
+            import tempfile
+            with tempfile.TemporaryDirectory() as folder:
+                summary["ui_burst"] = ui_burst_phase(proc.pid, port, args.ui_burst, Path(folder))
+            log.info("ui burst: %s", summary["ui_burst"])
         summary["end"] = memory_mb(proc.pid)
+        health_limits = health(port)["limits"]
     finally:
         stop_server(proc)
 
@@ -267,6 +329,11 @@ def main(argv=None) -> dict:
         targets["oversized_413_everywhere"] = all(v["status"] == 413 for v in summary["refusals"].values())
         c = summary["connections"]
         targets["extra_connection_503"] = "503" in c["extra_answer"] and c["served_after"] == 200
+    if "ui_burst" in summary:
+        b = summary["ui_burst"]
+        targets["ui_burst_all_answered"] = b["ok"] == b["requests"]
+        if b["decode_peak_mp"] is not None:  # a checkout with the decoding budget
+            targets["ui_burst_decoding_within_budget"] = b["decode_peak_mp"] <= health_limits.get("max_decode_mp", 0)
     summary["targets"] = targets
     summary["all_targets_met"] = all(targets.values()) if targets else None
     print(json.dumps(summary))
