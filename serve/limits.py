@@ -82,7 +82,8 @@ class Limits:
     # Megapixels being decoded at once, server-wide (`DecodeBudget`): two images at the pixel limit,
     # what the API's two decoding threads held before the budget; ~0.9 GB each at its worst (a
     # 16-bit PNG). Without it Gradio's validators, run in up to 40 threads, decoded as many at once:
-    # 8 requests of one 64 MP PNG (0.2 MB each) took the server from 0.9 to 4.4 GB.
+    # 32 web-UI requests of one 64 MP PNG (0.2 MB each) took the server from 1.4 to 11.6 GB
+    # (bench/serve_memory.py's ui_burst); with it, +0.9 GB.
     max_decode_mp: float = 128.0
 
     @property
