@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decode-mp", type=positive_float, default=d.max_decode_mp, metavar="MP",
                    help=f"megapixels being decoded at once, API and UI together; more wait their turn "
                         f"(default {d.max_decode_mp:g}: two images at the {MAX_PIXELS / 1e6:g} MP limit; decoding "
-                        f"costs ~7 bytes per pixel, ~14 for 16-bit images)")
+                        f"costs ~8 bytes per pixel of 8-bit RGB, up to ~20 for other kinds)")
     p.add_argument("--max-connections", type=positive_int, default=d.max_connections,
                    help=f"open connections; a new one beyond them is answered 503 and closed "
                         f"(default {d.max_connections})")

@@ -20,7 +20,7 @@ from pathlib import Path
 from models.contract import EXAMPLES_DIR, ModelFolder
 from serve.api import build_api
 from serve.batcher import MicroBatcher
-from serve.limits import Limits, return_large_frees
+from serve.limits import Limits
 from serve.metrics import Metrics
 from serve.predictor import Predictor
 
@@ -65,7 +65,6 @@ def build_app(model: Path | str | ModelFolder | Predictor, device: str = "auto",
     server stops; each upload is deleted `upload_ttl` to 2 x `upload_ttl` seconds after it came.
     One app per process: Gradio reads that folder from `GRADIO_TEMP_DIR`, which this sets."""
     predictor = _predictor(model, device)
-    return_large_frees()  # a decoded image's memory goes back when the decode is done, whichever thread ran it
     uploads = _upload_folder()  # before Gradio's first import: some of its modules read the folder then
     import gradio as gr
     from serve.ui import CSS, GRADIO_BATCH, build_ui

@@ -8,12 +8,12 @@
   budget and times the body. Refusals: 413 (one body over `max_request_mb`), 503 with Retry-After
   (the budget is full), 408 (the body is too slow), each as JSON `{"error": ...}`.
 - `DecodeBudget`: the pixels being decoded at once, server-wide, by the API's decoding threads and
-  Gradio's validators alike (decoding, not the bodies, is what a request costs most: ~7 bytes per
-  pixel of an 8-bit image, ~14 of a 16-bit one). A decode waits, first come first served, until
-  its pixels fit.
-- `return_large_frees`: glibc's malloc keeps what a thread frees for that thread's next use, so
-  decodes spread over Gradio's many threads would each leave their image's memory held; with
-  this, large blocks go back to the system when freed.
+  the web UI's alike (decoding, not the bodies, is what a request costs most: ~8 bytes per pixel of
+  an 8-bit RGB image, ~16 of WebP, RGBA, CMYK or 16-bit ones, ~20 of a float TIFF). A decode waits,
+  first come first served, until its pixels fit.
+- `return_freed_memory`: glibc's malloc keeps what a thread frees for that thread's next use, so
+  decodes spread over threads would each leave their image's memory held; the budget gives it back
+  after each large decode.
 - `guarded_protocol`: uvicorn's own HTTP protocol with two things uvicorn lacks: a deadline for the
   request head (uvicorn waits for headers forever once a byte has arrived) and a cap on open
   connections (uvicorn's `limit_concurrency` still accepts every connection and answers 503 only
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from models.imageio import MAX_PIXELS
 
-__all__ = ["Limits", "RequestLimits", "InflightBudget", "DecodeBudget", "return_large_frees", "guarded_protocol", "BODY_MIN_RATE",
+__all__ = ["Limits", "RequestLimits", "InflightBudget", "DecodeBudget", "return_freed_memory", "guarded_protocol", "BODY_MIN_RATE",
            "RETRY_AFTER_S"]
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,10 @@ class Limits:
     # SIGTERM is answered before the process exits.
     queue_timeout_s: float = 5.0
     # Megapixels being decoded at once, server-wide (`DecodeBudget`): two images at the pixel limit,
-    # what the API's two decoding threads held before the budget; ~0.9 GB each at its worst (a
-    # 16-bit PNG). Without it Gradio's validators, run in up to 40 threads, decoded as many at once:
-    # 32 web-UI requests of one 64 MP PNG (0.2 MB each) took the server from 1.4 to 11.6 GB
-    # (bench/serve_memory.py's ui_burst); with it, +0.9 GB.
+    # what the API's two decoding threads held before the budget; 0.5 GB each for 8-bit RGB, up to
+    # ~1.3 GB (a float TIFF). Before it, the UI's validators decoded in Gradio's pool of 40 threads,
+    # as many at once: 32 web-UI requests of one 64 MP PNG (0.2 MB each) took the server from 1.4
+    # to 11.6 GB (bench/serve_memory.py's ui_burst); with it, ~+1 GB.
     max_decode_mp: float = 128.0
 
     @property
@@ -149,8 +149,13 @@ class DecodeBudget:
         turn = object()
         with self._changed:
             self._turns.append(turn)
-            while self._turns[0] is not turn or self.in_use + pixels > self.capacity:
-                self._changed.wait()
+            try:
+                while self._turns[0] is not turn or self.in_use + pixels > self.capacity:
+                    self._changed.wait()
+            except BaseException:  # interrupted while waiting (Ctrl-C): give the turn up, or it blocks every later one
+                self._turns.remove(turn)
+                self._changed.notify_all()
+                raise
             self._turns.popleft()
             self.in_use += pixels
             self.peak = max(self.peak, self.in_use)
@@ -161,31 +166,31 @@ class DecodeBudget:
             with self._changed:
                 self.in_use -= pixels
                 self._changed.notify_all()
+            if pixels >= TRIM_PIXELS:
+                return_freed_memory()
 
 
-# glibc's M_MMAP_THRESHOLD (malloc.h): blocks of this many bytes or more get pages of their own.
-_M_MMAP_THRESHOLD = -3
-LARGE_BLOCK = 1 << 20  # bytes: Pillow holds an image in blocks of 16 MB, a digit batch is under 1 MB
+def return_freed_memory() -> bool:
+    """Give the memory glibc's malloc holds free back to the system (`malloc_trim(0)`).
+
+    glibc keeps what a thread frees in that thread's arena, for its next use: a decode in each of
+    Gradio's threads left its image's memory held, and the next decodes, in other arenas, piled up
+    on top (32 requests of one 64 MP PNG: +10 GB at the peak, +5.9 GB held after). `DecodeBudget`
+    calls this after each large decode (~1-10 ms, against the ~0.5-1 s of such a decode). False where
+    the C library is not glibc (macOS, musl): nothing is done there."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    return bool(_malloc_trim and _malloc_trim(0) is not None)
 
 
-def return_large_frees() -> bool:
-    """Make every allocation of `LARGE_BLOCK` bytes or more a mapping of its own, unmapped when freed.
-
-    glibc starts with such a threshold (128 kB) but raises it, up to 32 MB, each time a large block
-    is freed, and from then on serves large blocks from per-thread arenas that keep what is freed.
-    A decode in each of Gradio's threads then left its image held: 8 requests of one 64 MP PNG, two
-    decoding at a time, took the server to +1.9 GB and left it at +1.5 GB; with this, +0.9 GB at the
-    peak, back to where it was after. Fixing the threshold stops the raising. A page fault per 4 kB
-    on first use is the cost: ~3 ms for a batch of 64 images at 224 px, against a forward pass of
-    ~0.5-1 s. False where the C library is not glibc (macOS, musl): nothing is changed there."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK))
+_malloc_trim = None
+TRIM_PIXELS = 4_000_000  # a decode this large is followed by `return_freed_memory` (a 12 MP JPEG at 224 px is 0.76 MP)
 
 
 # --------------------------------------------------------------------------- bytes in flight

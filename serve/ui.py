@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -45,6 +46,10 @@ __all__ = ["build_ui", "describe", "is_digit_model", "sketch_to_digit", "image_i
 log = logging.getLogger(__name__)
 
 GRADIO_BATCH = 32          # requests per batched call of the `predict` endpoint
+# Threads that decode the UI's images (the validator's), as the API has its own two. Not Gradio's
+# shared pool of 40: a decode may wait its turn in the server's decoding budget, and 40 waiting
+# there would leave none for Gradio's uploads and files. Requests beyond wait as futures, on the loop.
+UI_DECODE_THREADS = 2
 SKETCH_CANVAS = (280, 280)  # px; 10x MNIST's 28, so the brush below becomes a ~2 px MNIST stroke
 SKETCH_BRUSH = 14           # px brush radius on that canvas: a ~2.5 px stroke once the digit is 20 px tall
 DIGIT_FILL = 20 / 28        # MNIST centres each digit in a 20x20 box inside its 28x28 frame
@@ -408,10 +413,12 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
             prepared.put(src, tensor)
         return None
 
-    def check(images):
+    decoder = ThreadPoolExecutor(UI_DECODE_THREADS, thread_name_prefix="ui-decode")
+
+    async def check(images):
         """Validator: decode each request's image once; a bad one gets `gr.validate(False, reason)`,
         which refuses that request alone and tells its client why."""
-        reasons = [verdict(src) for src in images]
+        reasons = await asyncio.get_running_loop().run_in_executor(decoder, lambda: [verdict(src) for src in images])
         # A batched validator answers in the batch's shape: one list per input, one entry per request.
         return ([None if r is None else gr.validate(False, r) for r in reasons],)
 
@@ -425,8 +432,8 @@ def build_ui(predictor: Predictor, top_k: int | None = None, max_batch: int = GR
             if refused is not False:  # fails this batch alone
                 raise gr.Error(str(refused) if refused is not None else "no image", print_exception=False)
             try:
-                tensors = await asyncio.to_thread(
-                    lambda: [t if t is not None else predictor.prepare(s) for t, s in zip(tensors, images)])
+                tensors = await asyncio.get_running_loop().run_in_executor(
+                    decoder, lambda: [t if t is not None else predictor.prepare(s) for t, s in zip(tensors, images)])
             except ImageError as e:
                 raise gr.Error(f"cannot classify this file: {e}") from None
         if batcher is not None:

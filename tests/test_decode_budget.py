@@ -1,10 +1,11 @@
 """Decoding memory, bounded server-wide: `--max-decode-mp` (serve.limits.DecodeBudget, the gate of
-models.imageio.open_image) and glibc's large blocks returned when freed (`return_large_frees`).
+models.imageio.open_image), the web UI's decodes on threads of its own, and glibc's free memory
+given back after large decodes (`return_freed_memory`).
 
-Before them, each Gradio request decoded in a thread of its own (Gradio runs a validator in up to
-40), so 32 requests of one 64 MP PNG of 0.2 MB each took the server from 0.9 to 14.4 GB. The last
-test sends such a burst to `python -m serve` through gradio_client and the HTTP API at once and
-reads the server's peak memory from /proc.
+Before them, each Gradio request decoded in a thread of Gradio's pool of 40, so 32 requests of one
+64 MP PNG of 0.2 MB each took the server from 1.4 to 11.6 GB (bench/serve_memory.py's ui_burst).
+The last test sends such a burst to `python -m serve` through gradio_client and the HTTP API at
+once and reads the server's peak memory from /proc.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import requests
 from PIL import Image
 
 from models.imageio import open_image
-from serve.limits import DecodeBudget, Limits, return_large_frees
+from serve.limits import DecodeBudget, Limits, return_freed_memory
 from tests.servers import ROOT, serve_process
 
 BIG = 8000  # px per side: the 64 MP pixel limit
@@ -169,9 +170,37 @@ def test_budget_under_the_pixel_limit_is_a_usage_error():
     assert "Traceback" not in r.stderr
 
 
-def test_return_large_frees_on_glibc():
+def test_a_waiter_interrupted_gives_its_turn_up():
+    # Ctrl-C (or any exception) while waiting must not leave its turn at the head of the line,
+    # where it would block every later decode.
+    budget = DecodeBudget(100)
+    interrupted = []
+
+    def wait_then_interrupt():
+        try:
+            with budget.hold(100):
+                pass
+        except KeyboardInterrupt:
+            interrupted.append(True)
+    with budget.hold(100):
+        t = threading.Thread(target=wait_then_interrupt)
+        t.start()
+        while not budget._turns:
+            time.sleep(0.001)
+        import ctypes
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(KeyboardInterrupt))
+        with budget._changed:
+            budget._changed.notify_all()  # wake it, so the pending exception is raised in wait()
+        t.join(10)
+    assert interrupted == [True] and not budget._turns
+    done = threading.Event()
+    threading.Thread(target=lambda: (budget.hold(1).__enter__(), done.set())).start()
+    assert done.wait(5), "a later decode is blocked by the interrupted one's turn"
+
+
+def test_return_freed_memory_on_glibc():
     import platform
-    assert return_large_frees() is (platform.libc_ver()[0] == "glibc")
+    assert return_freed_memory() is (platform.libc_ver()[0] == "glibc")
 
 
 # --------------------------------------------------------------------------- the server
@@ -184,10 +213,10 @@ def memory_mb(pid: int) -> dict:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="reads peak memory from Linux's /proc")
 def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist_model, tmp_path):
-    """16 Gradio requests and 4 API requests, each one 64 MP PNG (0.2 MB on the wire, ~0.5 GB while it
-    decodes), all at once, with room for one decode at a time (`--max-decode-mp 64`): every one is
-    answered, /metrics never saw more than the budget decoding, the server's peak stays near one
-    decode's worth, and it is back near where it started afterwards."""
+    """16 Gradio requests at once, then 4 more with 4 API requests, each one 64 MP PNG (0.2 MB on the
+    wire, ~0.5 GB while it decodes), with room for one decode at a time (`--max-decode-mp 64`): every
+    one is answered, /metrics saw the UI's decodes charged and never more than the budget decoding,
+    the server's peak stays near one decode's worth, and it is back near where it started after."""
     from gradio_client import Client, handle_file
     big = tmp_path / "big.png"
     big.write_bytes(png_bytes(BIG, BIG))
@@ -211,17 +240,22 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
             r = requests.post(served.url + "/v1/predict", files=[("files", ("big.png", data, "image/png"))], timeout=300)
             (answers if r.status_code == 200 else errors).append(r.json() if r.status_code == 200 else f"api: {r.status_code} {r.text}")
 
-        threads = [threading.Thread(target=ui) for _ in range(16)] + [threading.Thread(target=api) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
+        def burst(threads):
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+            metrics = requests.get(served.url + "/metrics", timeout=30).text
+            return next(float(line.split()[1]) for line in metrics.splitlines()
+                        if line.startswith("serve_decode_pixels_peak "))
+
+        # The web UI alone first: a decode of its own that bypassed the budget would leave the peak at 0.
+        ui_peak = burst([threading.Thread(target=ui) for _ in range(16)])
+        peak = burst([threading.Thread(target=ui) for _ in range(4)] + [threading.Thread(target=api) for _ in range(4)])
         mem = memory_mb(pid)
-        metrics = requests.get(served.url + "/metrics", timeout=30).text
-    assert not errors and len(answers) == 20, errors[:3]
-    peak = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("serve_decode_pixels_peak "))
-    assert peak == 64_000_000, metrics
+    assert not errors and len(answers) == 24, errors[:3]
+    assert ui_peak == peak == 64_000_000
     # One 8-bit 64 MP decode peaks at ~0.5 GB here (two at ~1 GB); without the budget, 16 at once
-    # took ~7 GB, and without the returned frees the server kept +1.5 GB after such a burst.
+    # took ~7 GB, and without the freed memory given back the server kept +1.5 GB after such a burst.
     assert mem["VmHWM"] - base < 1300, (base, mem)
     assert mem["VmRSS"] - base < 400, (base, mem)
