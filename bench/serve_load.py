@@ -100,6 +100,16 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def run_together(threads: list[threading.Thread]) -> float:
+    """Start every thread, then join them all: the seconds from the first start to the last end."""
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def memory_mb(pid: int) -> dict:
     """Resident memory now and at its peak, from /proc (Linux)."""
     fields = {}
@@ -234,13 +244,7 @@ def run_phase(name: str, port: int, protocol: str, digits: list, n_requests: int
                 if expected is not None and label != expected:
                     wrong.append((i, label, expected))
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_together([threading.Thread(target=worker, args=(c,)) for c in clients])
     done = len(latencies) + len(errors)
     lat = sorted(latencies) or [float("nan")]
     result = {"client": protocol, "requests": done, "ok": len(latencies), "errors": len(errors), "wrong_labels": len(wrong),
@@ -320,13 +324,7 @@ def run_overload(name: str, port: int, digits: list, n_clients: int, n_files: in
             if status == 503 and honour_retry_after:
                 time.sleep(max(0.0, min(float(headers.get("retry-after") or 0), deadline - time.monotonic())))
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_clients)] + [threading.Thread(target=poll)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_together([threading.Thread(target=worker, args=(k,)) for k in range(n_clients)] + [threading.Thread(target=poll)])
     end = scrape(port)
 
     def pct(xs, q):

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from serve_load import HOST, free_port, memory_mb, stop_server  # noqa: E402
+from serve_load import HOST, free_port, memory_mb, run_together, stop_server  # noqa: E402
 
 log = logging.getLogger("bench.serve_memory")
 SIDE = 8000  # px: 8000 x 8000 = 64,000,000, exactly the pixel limit (models.imageio.MAX_PIXELS)
@@ -136,21 +136,12 @@ def start(model: str, checkout: Path, flags: list[str], timeout: float = 300) ->
     raise SystemExit(f"server did not answer /v1/health within {timeout:.0f} s")
 
 
-def ramp_png() -> bytes:
-    """An 8000x8000 RGB PNG of ~0.2 MB (a horizontal ramp): the pixel limit's decode for a tiny upload."""
-    import numpy as np
-    from PIL import Image
-    row = np.linspace(0, 255, SIDE, dtype=np.float32).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (SIDE, SIDE, 3)))).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def ui_burst_phase(pid: int, port: int, n: int, folder: Path) -> dict:
-    """`n` gradio_client predictions of one `ramp_png` each, all at once."""
+    """`n` gradio_client predictions of one 8000x8000 ramp PNG each (synthetic.photoset.ramp_png), all at once."""
     from gradio_client import Client, handle_file
+    from synthetic.photoset import ramp_png
     path = folder / "ramp.png"
-    path.write_bytes(ramp_png())
+    path.write_bytes(ramp_png(SIDE, SIDE))
     client = Client(f"http://{HOST}:{port}/", verbose=False, httpx_kwargs={"timeout": 600})
     reset_peak(pid)
     before = memory_mb(pid)
@@ -162,13 +153,7 @@ def ui_burst_phase(pid: int, port: int, n: int, folder: Path) -> dict:
             outcomes[i] = "ok"
         except Exception as e:  # noqa: BLE001  (counted)
             outcomes[i] = f"{type(e).__name__}: {e}"[:200]
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
+    seconds = run_together([threading.Thread(target=one, args=(i,)) for i in range(n)])
     time.sleep(1)
     mem = memory_mb(pid)
     conn = http.client.HTTPConnection(HOST, port, timeout=30)
@@ -281,17 +266,12 @@ def main(argv=None) -> dict:
             reset_peak(proc.pid)
             before = memory_mb(proc.pid)
             results: list = [None] * n
-            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, post(port, "/v1/predict", parts, length, ctype)))
-                       for i in range(n)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            seconds = run_together([threading.Thread(target=lambda i=i: results.__setitem__(
+                i, post(port, "/v1/predict", parts, length, ctype))) for i in range(n)])
             mem = memory_mb(proc.pid)
             statuses = [x["status"] for x in results]
             log.info("concurrent x%d: %s %s", n, statuses, mem)
-            summary["concurrent"] = {"requests": n, "statuses": statuses, "s": round(time.perf_counter() - t0, 2),
+            summary["concurrent"] = {"requests": n, "statuses": statuses, "s": round(seconds, 2),
                                      "retry_after": sorted({x.get("retry_after") for x in results} - {None}),
                                      "rss_before_mb": before["rss_mb"], **mem,
                                      "peak_over_baseline_mb": round(mem["peak_rss_mb"] - base["rss_mb"], 1),

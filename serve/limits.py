@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -178,18 +179,24 @@ def return_freed_memory() -> bool:
     on top (32 requests of one 64 MP PNG: +10 GB at the peak, +5.9 GB held after). `DecodeBudget`
     calls this after each large decode (~1-10 ms, against the ~0.5-1 s of such a decode). False where
     the C library is not glibc (macOS, musl): nothing is done there."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    return bool(_malloc_trim and _malloc_trim(0) is not None)
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
-_malloc_trim = None
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, looked up once; None without it."""
+    import ctypes
+    import ctypes.util
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 TRIM_PIXELS = 4_000_000  # a decode this large is followed by `return_freed_memory` (a 12 MP JPEG at 224 px is 0.76 MP)
 
 

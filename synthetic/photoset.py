@@ -98,3 +98,12 @@ def make_photo_folder(root: Path, n_per_class: int = 12, seed: int = 0, broken: 
         d = root / ("train" if split else "") / CLASSES[0]
         broken_files, ignored = write_broken_files(d, draw_shape(CLASSES[0], (200, 200), rng))
     return {"root": root, "broken": broken_files, "ignored": ignored}
+
+
+def ramp_png(w: int, h: int) -> bytes:
+    """A w x h RGB PNG that is small on disk (a horizontal ramp: 0.2 MB at 8000 x 8000) but costs
+    w x h x 3 bytes and more to decode: the pixel limit's decode for a tiny upload."""
+    row = np.linspace(0, 255, w, dtype=np.float32).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (h, w, 3)))).save(buf, format="PNG")
+    return buf.getvalue()

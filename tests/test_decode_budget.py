@@ -16,24 +16,16 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 from PIL import Image
 
 from models.imageio import open_image
 from serve.limits import DecodeBudget, Limits, return_freed_memory
+from synthetic.photoset import ramp_png
 from tests.servers import ROOT, serve_process
 
 BIG = 8000  # px per side: the 64 MP pixel limit
-
-
-def png_bytes(w: int, h: int) -> bytes:
-    """A w x h RGB PNG that is small on disk (a horizontal ramp) and costs w x h x 3 bytes decoded."""
-    row = np.linspace(0, 255, w, dtype=np.float32).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (h, w, 3)))).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class Recorder:
@@ -97,7 +89,7 @@ def test_gate_is_charged_the_reduced_jpeg_decode():
 def test_refused_images_never_reach_the_gate():
     gate = Recorder()
     from models.imageio import ImageError
-    for bad in (b"", b"not an image", png_bytes(100, 100)):  # empty, not an image, over the pixel limit
+    for bad in (b"", b"not an image", ramp_png(100, 100)):  # empty, not an image, over the pixel limit
         with pytest.raises(ImageError):
             open_image(bad, max_pixels=1000, gate=gate)
     assert gate.asked == []
@@ -219,7 +211,7 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
     the server's peak stays near one decode's worth, and it is back near where it started after."""
     from gradio_client import Client, handle_file
     big = tmp_path / "big.png"
-    big.write_bytes(png_bytes(BIG, BIG))
+    big.write_bytes(ramp_png(BIG, BIG))
     data = big.read_bytes()
     assert len(data) < 1_000_000
     with serve_process(mnist_model, "--device", "cpu", "--max-decode-mp", 64) as served:
