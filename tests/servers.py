@@ -77,3 +77,36 @@ def serve_process(model, *args, env: dict | None = None, log: Path | None = None
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class GradioClients:
+    """`gradio_client.Client`s lent out one job at a time, for tests that call the UI from many
+    threads: each caller a user of its own, as on a real Space. One Client shared by threads at once
+    now and then cancels a job the server answered (gradio_client 2.7.2: a job registered while the
+    client's event stream is closing, its session idle for an instant, waits on that closed stream
+    and is told `CancelledError`; seen in CI with the server in the test's process)."""
+
+    def __init__(self, url: str, n: int, **kwargs):
+        import queue
+
+        from gradio_client import Client
+        self.all = [Client(url, verbose=False, **kwargs) for _ in range(n)]
+        self._free = queue.Queue()
+        for client in self.all:
+            self._free.put(client)
+
+    @contextlib.contextmanager
+    def lend(self):
+        client = self._free.get()
+        try:
+            yield client
+        finally:
+            self._free.put(client)
+
+    def predict(self, *args, **kwargs):
+        with self.lend() as client:
+            return client.predict(*args, **kwargs)
+
+    def close(self) -> None:
+        for client in self.all:
+            client.close()

@@ -23,7 +23,7 @@ from PIL import Image
 from models.imageio import open_image
 from serve.limits import DecodeBudget, Limits, return_freed_memory
 from synthetic.photoset import ramp_png
-from tests.servers import ROOT, serve_process
+from tests.servers import ROOT, GradioClients, serve_process
 
 BIG = 8000  # px per side: the 64 MP pixel limit
 
@@ -209,7 +209,7 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
     wire, ~0.5 GB while it decodes), with room for one decode at a time (`--max-decode-mp 64`): every
     one is answered, /metrics saw the UI's decodes charged and never more than the budget decoding,
     the server's peak stays near one decode's worth, and it is back near where it started after."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     big = tmp_path / "big.png"
     big.write_bytes(ramp_png(BIG, BIG))
     data = big.read_bytes()
@@ -219,12 +219,12 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
         time.sleep(1)
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         base = memory_mb(pid)["VmRSS"]
-        client = Client(served.url + "/", verbose=False, httpx_kwargs={"timeout": 300})
+        clients = GradioClients(served.url + "/", 16, httpx_kwargs={"timeout": 300})
         answers, errors = [], []
 
         def ui():
             try:
-                answers.append(client.predict(handle_file(str(big)), api_name="/predict"))
+                answers.append(clients.predict(handle_file(str(big)), api_name="/predict"))
             except Exception as e:  # noqa: BLE001  (reported below)
                 errors.append(f"ui: {type(e).__name__}: {e}")
 
@@ -245,6 +245,7 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
         ui_peak = burst([threading.Thread(target=ui) for _ in range(16)])
         peak = burst([threading.Thread(target=ui) for _ in range(4)] + [threading.Thread(target=api) for _ in range(4)])
         mem = memory_mb(pid)
+        clients.close()
     assert not errors and len(answers) == 24, errors[:3]
     assert ui_peak == peak == 64_000_000
     # One 8-bit 64 MP decode peaks at ~0.5 GB here (two at ~1 GB); without the budget, 16 at once

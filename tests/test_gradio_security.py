@@ -30,7 +30,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.servers import serve_process
+from tests.servers import GradioClients, serve_process
 
 MAX_FILE_MB = 0.5
 TIMEOUT = 60  # s per HTTP call; a first request on a busy 2-core machine can take many seconds
@@ -319,7 +319,7 @@ def test_refusal_reason_reaches_gradio_client(client, tmp_path):
 def test_a_bad_image_fails_only_its_own_request(served, tmp_path):
     """Bursts of good images with one bad one among them, from many clients at once: Gradio
     batches them; each good one is answered, only the bad one is refused."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
     good = []
     for i in range(4):
         p = tmp_path / f"good{i}.png"
@@ -327,19 +327,20 @@ def test_a_bad_image_fails_only_its_own_request(served, tmp_path):
         good.append(p)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    clients = [Client(served.url + "/", verbose=False) for _ in range(4)]
-    for c in clients:  # upload the files once, so that the jobs below reach the queue together
+    clients = GradioClients(served.url + "/", 8)
+    for c in clients.all:  # upload the files once, so that the jobs below reach the queue together
         c.predict(handle_file(str(good[0])), api_name="/predict")
 
     def run(i):
         path = bad if i % 8 == 3 else good[i % len(good)]
         try:
-            return path, clients[i % len(clients)].predict(handle_file(str(path)), api_name="/predict")
+            return path, clients.predict(handle_file(str(path)), api_name="/predict")
         except Exception as e:
             return path, e
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(run, range(32)))
+    clients.close()
     for path, out in results:
         if path == bad:
             assert isinstance(out, Exception) and "cannot classify" in str(out), repr(out)
