@@ -10,15 +10,27 @@ On a 2-core AMD EPYC with AVX512-BF16 (the development machine), an epoch of res
 batch 256 went from 43 to 29 s (1.48x); validation accuracy after 2 epochs 99.25% against 99.28%. Without native bf16 (no AVX512-BF16 nor AMX) the
 same ops are emulated and slower than fp32, so `auto` keeps fp32 there. The flag is not proof of
 speed: on a 2-core Intel Xeon with AVX512-BF16 but no AMX exposed, oneDNN's native bf16 kernels ran
-and a batch-256 step took 393 ms against fp32's 298 (README, CPU and GPU; `--precision fp32` there).
+and a batch-256 step took 393 ms against fp32's 298 (README, CPU and GPU). So where the flag says
+native, `auto` first times a few training steps of the model on a batch of the run's shape in each
+(`step_seconds`, ~3 s at MNIST's batch 256) and takes bf16 only where it is clearly faster.
 """
 from __future__ import annotations
+
+import logging
+import time
 
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 
+from train import distributed
+
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("auto", "fp32")
+# bf16 must make a step at least this much faster to be taken: it costs a few hundredths of a
+# point of accuracy (README, Benchmarks), and two timings of the same kernels differ by a few percent.
+MIN_SPEEDUP = 1.1
 
 
 def cpu_has_native_bf16() -> bool:
@@ -55,16 +67,63 @@ class CpuMixedPrecision(Callback):
             self._autocast = None
 
 
-def apply_precision(learn: Learner, device: torch.device, precision: str = "auto") -> None:
+def apply_precision(learn: Learner, device: torch.device, precision: str = "auto",
+                    batch_shape: tuple[int, ...] | None = None) -> None:
     """Set the learner's training precision (`precision`: one of PRECISIONS); `precision_of` says
-    which it got."""
+    which it got. On a CPU with native bf16, `batch_shape` (batch, channels, height, width) is what
+    bf16 is timed on against fp32 before it is taken; without one it is taken on the flag alone."""
     if precision == "fp32" or device.type not in ("cpu", "cuda"):
         return  # MPS: fastai's MixedPrecision is CUDA-only, and ours CPU-only
     if device.type == "cuda":
         # bf16 needs no loss scaling (fp32's range)
         learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
-    elif cpu_has_native_bf16():
+    elif cpu_has_native_bf16() and (batch_shape is None or bf16_pays_off(learn, batch_shape)):
         learn.add_cb(CpuMixedPrecision())
+
+
+def bf16_pays_off(learn: Learner, batch_shape: tuple[int, ...]) -> bool:
+    """Whether a training step of `learn`'s model is at least MIN_SPEEDUP times faster under bf16
+    autocast than in fp32, as timed here (rank 0's verdict on every rank of a launched run)."""
+    if hasattr(learn, "channels_last"):  # time the layout it trains in (fastai converts at before_fit)
+        learn.model.to(memory_format=torch.channels_last)
+    from train.smallmaps import small_map_convs  # and with the shortcuts fit() trains with
+    with small_map_convs(learn.model):
+        seconds = step_seconds(learn.model, batch_shape)
+    faster = distributed.agree(seconds["fp32"] >= MIN_SPEEDUP * seconds["bf16"])
+    log.info("precision auto: a training step of batch %d took %.0f ms in bf16 and %.0f ms in fp32 here; "
+             "training in %s", batch_shape[0], 1000 * seconds["bf16"], 1000 * seconds["fp32"],
+             "bf16 mixed precision" if faster else "fp32")
+    return faster
+
+
+def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: int = 2) -> dict[str, float]:
+    """Seconds per training step (forward and backward) of `model` on the CPU on a random batch of
+    `batch_shape`, in fp32 and under bf16 autocast: the fastest of `steps` each, taken in turns
+    after one untimed each (oneDNN picks and caches its kernels on the first). The model is left
+    as found: BatchNorm statistics restored, gradients cleared, torch's random state untouched, so
+    a seeded run trains the same with or without this."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    was_training = model.training
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            x = torch.randn(batch_shape).contiguous(memory_format=torch.channels_last)
+            for i in range(steps + 1):
+                for name, seen in times.items():
+                    t = time.perf_counter()
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+                        out = model(x)
+                    out.float().sum().backward()  # any scalar: the backward pass costs the same
+                    if i:
+                        seen.append(time.perf_counter() - t)
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+        model.train(was_training)
+    return {name: min(seen) for name, seen in times.items()}
 
 
 def precision_of(learn: Learner) -> str:
