@@ -77,19 +77,21 @@ def apply_precision(learn: Learner, device: torch.device, precision: str = "auto
     if device.type == "cuda":
         # bf16 needs no loss scaling (fp32's range)
         learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
-    elif cpu_has_native_bf16() and (batch_shape is None or bf16_pays_off(learn, batch_shape)):
-        learn.add_cb(CpuMixedPrecision())
+    else:
+        bf16 = cpu_has_native_bf16() and (batch_shape is None or bf16_pays_off(learn, batch_shape))
+        if distributed.agree(bf16):  # rank 0's verdict on every rank of a launched run, CPUs alike or not
+            learn.add_cb(CpuMixedPrecision())
 
 
 def bf16_pays_off(learn: Learner, batch_shape: tuple[int, ...]) -> bool:
     """Whether a training step of `learn`'s model is at least MIN_SPEEDUP times faster under bf16
-    autocast than in fp32, as timed here (rank 0's verdict on every rank of a launched run)."""
+    autocast than in fp32, as timed here."""
     if hasattr(learn, "channels_last"):  # time the layout it trains in (fastai converts at before_fit)
         learn.model.to(memory_format=torch.channels_last)
     from train.smallmaps import small_map_convs  # and with the shortcuts fit() trains with
     with small_map_convs(learn.model):
         seconds = step_seconds(learn.model, batch_shape)
-    faster = distributed.agree(seconds["fp32"] >= MIN_SPEEDUP * seconds["bf16"])
+    faster = seconds["fp32"] >= MIN_SPEEDUP * seconds["bf16"]
     log.info("precision auto: a training step of batch %d took %.0f ms in bf16 and %.0f ms in fp32 here; "
              "training in %s", batch_shape[0], 1000 * seconds["bf16"], 1000 * seconds["fp32"],
              "bf16 mixed precision" if faster else "fp32")
