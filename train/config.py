@@ -22,9 +22,10 @@ from models.cli import fraction, non_negative_int, number, positive_int, seed_in
 # combinations) twenty-three bf16 runs gave 99.35-99.55%, mean 99.42%: within seed noise of the
 # defaults, so none was adopted (README, Benchmarks). SGD with Nesterov momentum instead of AdamW was
 # worse (99.34% at lr 0.2, 99.22% at 0.4, seed 42).
-# Other machines, same bench: an Intel Xeon (AVX512-BF16, no AMX exposed), where bf16 steps are
-# slower than fp32 (393 vs 298 ms) and `auto` then picked them on the flag alone (it now times them
-# first): 99.39% at seed 42 in 1.29 of the article's time. An AMD EPYC Zen 3 (AVX2, so fp32): 99.43% at seed 42 in 0.75 of it; four epochs there gave
+# Other machines, same bench: an Intel Xeon (AVX512-BF16, no AMX exposed), where `auto` took bf16
+# on the flag alone though its steps were slower (it now times them first; README, CPU and GPU):
+# 99.39% at seed 42 in 1.29 of the article's time. An AMD EPYC Zen 3 (AVX2, so fp32): 99.43% at
+# seed 42 in 0.75 of it; four epochs there gave
 # 99.47/99.49% at seeds 42/1 in 0.99/0.92 of it: +0.05 point for a third more time (over the
 # article's on both other machines), still under 99.5%, so three epochs stay.
 # Two epochs: 99.30/99.36/99.30% at seeds 42/1/2; without augmentation 99.28-99.29% (lr 0.01,
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32"], default="",
                    help="auto trains in mixed precision where the device computes it natively: bf16 (else fp16) "
                         "on CUDA; on CPUs with AVX512-BF16 or AMX, bf16 where a few steps timed at the start find it faster "
-                        "(~1.4x on an AMD Zen 4, slower on an Intel Xeon without AMX); fp32 elsewhere; "
+                        "(~1.5x on an AMD Zen 4, slower on an Intel Xeon without AMX); fp32 elsewhere; "
                         "weights and validation stay fp32. fp32: full precision throughout. Default auto, but fp32 for a "
                         "one-epoch MNIST run (its 99.0%% sits within 0.1 point of the line; bf16 gave 98.87%% at seed 42)")
     aug = p.add_mutually_exclusive_group()

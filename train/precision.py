@@ -9,10 +9,10 @@ choice and the outputs the export reuses are those of the weights as served.
 On a 2-core AMD EPYC with AVX512-BF16 (the development machine), an epoch of resnet18 on MNIST at
 batch 256 went from 43 to 29 s (1.48x); validation accuracy after 2 epochs 99.25% against 99.28%. Without native bf16 (no AVX512-BF16 nor AMX) the
 same ops are emulated and slower than fp32, so `auto` keeps fp32 there. The flag is not proof of
-speed: on a 2-core Intel Xeon with AVX512-BF16 but no AMX exposed, oneDNN's native bf16 kernels ran
-and a batch-256 step took 393 ms against fp32's 298 (README, CPU and GPU). So where the flag says
-native, `auto` first times a few training steps of the model on a batch of the run's shape in each
-(`step_seconds`, ~3 s at MNIST's batch 256) and takes bf16 only where it is clearly faster.
+speed (on an Intel Xeon with AVX512-BF16 but no AMX exposed, bf16 steps were slower: README, CPU
+and GPU), so where it says native, `auto` first times a few training steps of the model on a batch
+of the run's shape in each (`step_seconds`, ~3 s at MNIST's batch 256) and takes bf16 only where it
+is clearly faster.
 """
 from __future__ import annotations
 
@@ -78,8 +78,12 @@ def apply_precision(learn: Learner, device: torch.device, precision: str = "auto
         # bf16 needs no loss scaling (fp32's range)
         learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
     else:
-        bf16 = cpu_has_native_bf16() and (batch_shape is None or bf16_pays_off(learn, batch_shape))
-        if distributed.agree(bf16):  # rank 0's verdict on every rank of a launched run, CPUs alike or not
+        # Rank 0 decides alone and every rank of a launched run takes its verdict, CPUs alike or not:
+        # the others wait rather than time steps on the cores rank 0 is timing on, and rank 0's
+        # error (out of memory at a large batch) stops them at once instead of at the timeout.
+        def decide():
+            return cpu_has_native_bf16() and (batch_shape is None or bf16_pays_off(learn, batch_shape))
+        if distributed.from_rank0(decide):
             learn.add_cb(CpuMixedPrecision())
 
 
@@ -92,22 +96,30 @@ def bf16_pays_off(learn: Learner, batch_shape: tuple[int, ...]) -> bool:
     with small_map_convs(learn.model):
         seconds = step_seconds(learn.model, batch_shape)
     faster = seconds["fp32"] >= MIN_SPEEDUP * seconds["bf16"]
-    log.info("precision auto: a training step of batch %d took %.0f ms in bf16 and %.0f ms in fp32 here; "
-             "training in %s", batch_shape[0], 1000 * seconds["bf16"], 1000 * seconds["fp32"],
+    log.info("precision auto: a training step (forward, backward, AdamW) of batch %d took %.0f ms in bf16 "
+             "and %.0f ms in fp32 here; training in %s", batch_shape[0], 1000 * seconds["bf16"], 1000 * seconds["fp32"],
              "bf16 mixed precision" if faster else "fp32")
     return faster
 
 
 def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: int = 2) -> dict[str, float]:
-    """Seconds per training step (forward and backward) of `model` on the CPU on a random batch of
-    `batch_shape`, in fp32 and under bf16 autocast: the fastest of `steps` each, taken in turns
-    after one untimed each (oneDNN picks and caches its kernels on the first). The model is left
-    as found: BatchNorm statistics restored, gradients cleared, torch's random state untouched, so
-    a seeded run trains the same with or without this."""
-    saved = [(b, b.clone()) for b in model.buffers()]
-    was_training = model.training
+    """Seconds per training step of `model` on the CPU on a random batch of `batch_shape`, in fp32
+    and under bf16 autocast: forward, backward and a fused AdamW step (the optimiser training
+    uses: its cost is the same in both, and a whole step is what the speed-up is of). The fastest
+    of `steps` each, taken in turns after one untimed each (oneDNN picks and caches its kernels on
+    the first). Every parameter is timed as trainable: a frozen body (`--pretrained`, `--init`)
+    trains unfrozen after its first epoch, and its weight gradients are where bf16 gains or loses
+    most. The model is left as found: weights, BatchNorm statistics, `requires_grad` and each
+    module's train/eval mode restored, gradients cleared, torch's random state untouched, so a
+    seeded run trains the same with or without this."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [(m, m.training) for m in model.modules()]
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     model.train()
+    for p, _ in trainable:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     try:
         with torch.random.fork_rng(devices=[]):
             x = torch.randn(batch_shape).contiguous(memory_format=torch.channels_last)
@@ -117,14 +129,17 @@ def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: in
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
                         out = model(x)
                     out.float().sum().backward()  # any scalar: the backward pass costs the same
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                     if i:
                         seen.append(time.perf_counter() - t)
     finally:
         model.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
-        model.train(was_training)
+        for p, requires_grad in trainable:
+            p.requires_grad_(requires_grad)
+        model.load_state_dict(saved)  # copies into the tensors in place, their layout kept
+        for m, training in modes:
+            m.training = training
     return {name: min(seen) for name, seen in times.items()}
 
 
