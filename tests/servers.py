@@ -90,14 +90,26 @@ class GradioClients:
         import queue
 
         from gradio_client import Client
-        self.all = [Client(url, verbose=False, **kwargs) for _ in range(n)]
+        self.all = []
         self._free = queue.Queue()
+        try:
+            for _ in range(n):
+                self.all.append(Client(url, verbose=False, **kwargs))
+        except BaseException:
+            self.close()  # the ones made before the failure
+            raise
         for client in self.all:
             self._free.put(client)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     @contextlib.contextmanager
-    def lend(self):
-        client = self._free.get()
+    def lend(self, timeout: float = 600):
+        client = self._free.get(timeout=timeout)  # queue.Empty rather than a hung test
         try:
             yield client
         finally:

@@ -219,33 +219,32 @@ def test_a_burst_of_huge_images_through_ui_and_api_stays_within_the_budget(mnist
         time.sleep(1)
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         base = memory_mb(pid)["VmRSS"]
-        clients = GradioClients(served.url + "/", 16, httpx_kwargs={"timeout": 300})
-        answers, errors = [], []
+        with GradioClients(served.url + "/", 16, httpx_kwargs={"timeout": 300}) as clients:
+            answers, errors = [], []
 
-        def ui():
-            try:
-                answers.append(clients.predict(handle_file(str(big)), api_name="/predict"))
-            except Exception as e:  # noqa: BLE001  (reported below)
-                errors.append(f"ui: {type(e).__name__}: {e}")
+            def ui():
+                try:
+                    answers.append(clients.predict(handle_file(str(big)), api_name="/predict"))
+                except Exception as e:  # noqa: BLE001  (reported below)
+                    errors.append(f"ui: {type(e).__name__}: {e}")
 
-        def api():
-            r = requests.post(served.url + "/v1/predict", files=[("files", ("big.png", data, "image/png"))], timeout=300)
-            (answers if r.status_code == 200 else errors).append(r.json() if r.status_code == 200 else f"api: {r.status_code} {r.text}")
+            def api():
+                r = requests.post(served.url + "/v1/predict", files=[("files", ("big.png", data, "image/png"))], timeout=300)
+                (answers if r.status_code == 200 else errors).append(r.json() if r.status_code == 200 else f"api: {r.status_code} {r.text}")
 
-        def burst(threads):
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(600)
-            metrics = requests.get(served.url + "/metrics", timeout=30).text
-            return next(float(line.split()[1]) for line in metrics.splitlines()
-                        if line.startswith("serve_decode_pixels_peak "))
+            def burst(threads):
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(600)
+                metrics = requests.get(served.url + "/metrics", timeout=30).text
+                return next(float(line.split()[1]) for line in metrics.splitlines()
+                            if line.startswith("serve_decode_pixels_peak "))
 
-        # The web UI alone first: a decode of its own that bypassed the budget would leave the peak at 0.
-        ui_peak = burst([threading.Thread(target=ui) for _ in range(16)])
-        peak = burst([threading.Thread(target=ui) for _ in range(4)] + [threading.Thread(target=api) for _ in range(4)])
-        mem = memory_mb(pid)
-        clients.close()
+            # The web UI alone first: a decode of its own that bypassed the budget would leave the peak at 0.
+            ui_peak = burst([threading.Thread(target=ui) for _ in range(16)])
+            peak = burst([threading.Thread(target=ui) for _ in range(4)] + [threading.Thread(target=api) for _ in range(4)])
+            mem = memory_mb(pid)
     assert not errors and len(answers) == 24, errors[:3]
     assert ui_peak == peak == 64_000_000
     # One 8-bit 64 MP decode peaks at ~0.5 GB here (two at ~1 GB); without the budget, 16 at once

@@ -327,20 +327,19 @@ def test_a_bad_image_fails_only_its_own_request(served, tmp_path):
         good.append(p)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    clients = GradioClients(served.url + "/", 8)
-    for c in clients.all:  # upload the files once, so that the jobs below reach the queue together
-        c.predict(handle_file(str(good[0])), api_name="/predict")
+    with GradioClients(served.url + "/", 16) as clients:
+        for c in clients.all:  # upload the files once, so that the jobs below reach the queue together
+            c.predict(handle_file(str(good[0])), api_name="/predict")
 
-    def run(i):
-        path = bad if i % 8 == 3 else good[i % len(good)]
-        try:
-            return path, clients.predict(handle_file(str(path)), api_name="/predict")
-        except Exception as e:
-            return path, e
+        def run(i):
+            path = bad if i % 8 == 3 else good[i % len(good)]
+            try:
+                return path, clients.predict(handle_file(str(path)), api_name="/predict")
+            except Exception as e:
+                return path, e
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(run, range(32)))
-    clients.close()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(run, range(32)))
     for path, out in results:
         if path == bad:
             assert isinstance(out, Exception) and "cannot classify" in str(out), repr(out)

@@ -114,7 +114,6 @@ def test_many_concurrent_requests_all_right(server, digits, tmp_path):
     """32 threads, HTTP and Gradio mixed (8 Gradio users): every request answered, every answer the
     oracle's (and the true label wherever the model gets the digit right offline). Requests share
     forward passes: the micro-batcher, which serves both doors, ran fewer passes than it classified images."""
-    gradio = GradioClients(server.url + "/", 8)
     before = requests.get(server.url + "/v1/health", timeout=10).json()
     jobs = [("http", i % N_DIGITS) for i in range(192)] + [("gradio", i % N_DIGITS) for i in range(48)]
     local = threading.local()
@@ -132,9 +131,8 @@ def test_many_concurrent_requests_all_right(server, digits, tmp_path):
             label = gradio_predict(gradio, png, tmp_path)["label"]
         return label, truth, oracle
 
-    with ThreadPoolExecutor(32) as pool:
+    with GradioClients(server.url + "/", 8) as gradio, ThreadPoolExecutor(32) as pool:
         results = list(pool.map(one, jobs))
-    gradio.close()
     assert len(results) == len(jobs)
     for label, truth, oracle in results:
         assert label == oracle
