@@ -78,7 +78,7 @@ def test_timing_the_steps_leaves_the_model_and_the_seed_as_found():
     assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_timing_sees_every_layer_trainable(monkeypatch):
+def test_timing_sees_every_layer_trainable():
     """A `--pretrained` run starts frozen but trains unfrozen after one epoch, and the body's weight
     gradients are where bf16 gains or loses most: the timed backward pass computes them."""
     from torchvision.models import resnet18

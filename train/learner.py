@@ -45,8 +45,8 @@ IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"  # torchvision's file name in the tor
 # loop of per-tensor ops on CPU too (~67 ms of a ~0.55 s step at batch 256 on 2 cores); fused
 # does one pass per tensor (~15-25 ms). CPU, CUDA and MPS all have it. Training only: the export
 # swaps it for fastai's plain `Adam` (a partial is what the Hub's pickle scanner flags).
-ADAMW = partial(OptimWrapper, opt=partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5,
-                                          weight_decay=0.01, fused=True))
+TORCH_ADAMW = partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True)
+ADAMW = partial(OptimWrapper, opt=TORCH_ADAMW)
 
 
 class TrainError(RuntimeError):

@@ -119,7 +119,8 @@ def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: in
     model.train()
     for p, _ in trainable:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    from train.learner import TORCH_ADAMW  # the optimiser fit() trains with (learner imports this module)
+    opt = TORCH_ADAMW(model.parameters(), lr=1e-3)
     try:
         with torch.random.fork_rng(devices=[]):
             x = torch.randn(batch_shape).contiguous(memory_format=torch.channels_last)
