@@ -80,3 +80,39 @@ def test_removed_after_the_block_even_on_error():
     assert not [m for m in model.modules() if "forward" in m.__dict__]
     with small_map_convs(model, enabled=False):
         assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_weight_gradients_keep_the_channels_last_layout():
+    """The 1x1 and stride-2 shortcuts write the weight's gradient in the weight's own layout, so
+    autograd need not copy it (what made them worth writing as an autograd function)."""
+    torch.manual_seed(0)
+    model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 28, 28)
+    with small_map_convs(model):
+        model(x).sum().backward()
+    layer4 = model[0][7]
+    # its first conv steps 2x2 -> 1x1 through the kernel's bottom-right 2x2; the others see 1x1 maps
+    for conv, used in ((layer4[0].conv1, (slice(1, 3), slice(1, 3))), (layer4[0].conv2, (1, 1)),
+                       (layer4[1].conv1, (1, 1)), (layer4[1].conv2, (1, 1))):
+        g = conv.weight.grad
+        assert g.stride() == conv.weight.stride()
+        assert g[(slice(None), slice(None), *used)].abs().sum() > 0
+        unused = g.clone()
+        unused[(slice(None), slice(None), *used)] = 0
+        assert unused.abs().sum() == 0
+
+
+@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 2), ((2, 2), 1)])
+def test_shortcuts_under_bf16_autocast_match_the_convolution(hw, stride):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, *hw, requires_grad=True)
+    results = []
+    for shortcut in (False, True):
+        with small_map_convs(conv, enabled=shortcut), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, conv.weight])
+        results.append((out, *grads))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

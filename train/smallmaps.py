@@ -7,6 +7,9 @@ oneDNN computes all of them, and its weight gradients for these shapes are slow:
 256 on a 2-core CPU, layer4's and layer3's convolutions took ~200 of a ~520 ms training step.
 Here they are written as the matrix products they really are. Same weights, same outputs and
 gradients (equal to 1e-14 in float64; tested), so the model that is exported is a plain resnet18.
+On 1x1 maps and the stride-2 step onto them, the weight gradient is written straight into a zero
+tensor laid out like the (channels-last) weight: autograd's own way, through the slice, filled and
+copied the whole 3x3 kernel three times (~10 ms of a ~330 ms step at batch 256 on 2 cores).
 
 The shortcuts are instance attributes set for the length of a `with` block and always removed,
 so nothing of this module is pickled with the learner.
@@ -18,6 +21,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 # For a 2x2 map, stride 1, padding 1: the kernel tap that links output position p to input
@@ -31,14 +35,44 @@ for _p, (_ph, _pw) in enumerate(_POS):
         _SELECT[(_qh - _ph + 1) * 3 + (_qw - _pw + 1), _p * 4 + _q] = 1.0
 
 
+class _CornerLinear(torch.autograd.Function):
+    """`F.linear(x2d, weight[:, :, 1:1+k, 1:1+k].flatten(1), bias)`, for a k x k input whose one output
+    position sees it through those k x k taps; backward gives the weight's gradient in its own layout."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast (bf16 training)
+    def forward(ctx, x2d, weight, bias, k):
+        taps = weight[:, :, 1:1 + k, 1:1 + k].flatten(1)
+        ctx.save_for_backward(x2d, weight, taps)
+        ctx.k, ctx.has_bias = k, bias is not None
+        return F.linear(x2d, taps, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    @once_differentiable
+    def backward(ctx, g):
+        x2d, weight, taps = ctx.saved_tensors
+        o, c, k = weight.shape[0], weight.shape[1], ctx.k
+        gx = g @ taps.to(g.dtype) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = torch.zeros_like(weight)  # the weight's layout, so that autograd keeps it as is
+            gw[:, :, 1:1 + k, 1:1 + k] = (g.t() @ x2d.to(g.dtype)).view(o, c, k, k)
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
+    # the autograd function is written for CPU autocast; elsewhere the same product through autograd
+    corner = _CornerLinear.apply if x.device.type == "cpu" else (
+        lambda x2d, weight, bias, k: F.linear(x2d, weight[:, :, 1:1 + k, 1:1 + k].flatten(1), bias))
     if (h, w) == (1, 1) and self.stride == (1, 1):
         # Only the centre tap meets the input: a linear layer on the channels.
-        return F.linear(x.reshape(n, c), self.weight[:, :, 1, 1], self.bias)[:, :, None, None]
+        return corner(x.reshape(n, c), self.weight, self.bias, 1)[:, :, None, None]
     if (h, w) == (2, 2) and self.stride == (2, 2):
         # One output position, whose window covers the input with the kernel's bottom-right 2x2.
-        return F.linear(x.reshape(n, c * 4), self.weight[:, :, 1:, 1:].flatten(1), self.bias)[:, :, None, None]
+        return corner(x.reshape(n, c * 4), self.weight, self.bias, 2)[:, :, None, None]
     if (h, w) == (2, 2) and self.stride == (1, 1):
         # Every output position sees every input position through one tap: a (4 out x 4 in)
         # block matrix of taps, one product instead of 9 taps at 4 positions over mostly padding.
