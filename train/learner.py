@@ -33,6 +33,7 @@ from models.device import DeviceError, pick_device as _pick_device
 from train.runlog import History, epoch_ran
 from train import distributed
 from train.precision import apply_precision, remove_precision
+from train.precisebn import PreciseBatchNorm
 from train.smallmaps import small_map_convs
 from train.stopping import BestEpoch, Patience, restore_best
 
@@ -276,6 +277,8 @@ def fit(learn: Learner, phases: list[Phase], ckpt_path: Path, state: dict, quiet
                BestEpoch(state, keep_weights=patience > 0)]
         if patience:
             cbs.append(Patience(patience, state, write=noop if quiet else print))
+        if phase is phases[-1]:
+            cbs.append(PreciseBatchNorm())  # before the last epoch's validation (train/precisebn.py)
         if quiet:
             learn.logger = noop
         elif not interactive:
