@@ -46,6 +46,13 @@ def test_statistics_are_the_average_of_the_batches_and_modes_are_restored():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_without_a_usable_batch_the_statistics_stay():
+    model = _model()
+    model[1].running_mean.fill_(0.5)
+    assert recompute_batchnorm(model, [torch.randn(1, 3, 8, 8)]) == 0
+    assert (model[1].running_mean == 0.5).all() and model[1].num_batches_tracked == 0
+
+
 def test_dropout_is_off_and_the_result_repeats():
     """Dropout before a BatchNorm would scale what it sees; with it off, two runs agree exactly."""
     model, batches = _model().eval(), [torch.randn(16, 3, 8, 8) for _ in range(3)]

@@ -36,12 +36,14 @@ def evenly_spaced(n_items: int, n: int = N_IMAGES) -> list[int]:
 def recompute_batchnorm(model: nn.Module, batches) -> int:
     """Replace every BatchNorm's running statistics by their average over `batches` (inputs as the
     model takes them), computed in train mode for the BatchNorms only (dropout stays off). The
-    model's modes and each BatchNorm's momentum are left as found. Returns the number of images."""
+    model's modes and each BatchNorm's momentum are left as found; with no batch of two images or more,
+    or when interrupted before one ran, the statistics too. Returns the number of images used."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
+    before = {m: (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns}
     seen = 0
     try:
         model.eval()
@@ -55,6 +57,11 @@ def recompute_batchnorm(model: nn.Module, batches) -> int:
             model(x)
             seen += len(x)
     finally:
+        if not seen:  # no batch ran (a single image, or interrupted): the statistics as they were
+            for m, (mean, var, count) in before.items():
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
         for m, mode in modes.items():
             m.train(mode)
         for m, momentum in momenta.items():
