@@ -11,15 +11,26 @@ from torch import nn
 from models.contract import load_model_folder, read_metadata
 from tests.test_fit import random_label_digits
 from train.cli import main
-from train.precisebn import evenly_spaced, recompute_batchnorm
+from train.precisebn import evenly_spaced, picked, recompute_batchnorm
 
 
-def test_evenly_spaced_covers_the_set_without_random_numbers():
+def test_evenly_spaced_covers_the_set():
     assert evenly_spaced(5, 10) == [0, 1, 2, 3, 4]
-    picked = evenly_spaced(60000, 4096)
-    assert len(picked) == len(set(picked)) == 4096 and picked[0] == 0 and picked[-1] == 59999
+    spread = evenly_spaced(60000, 4096)
+    assert len(spread) == len(set(spread)) == 4096 and spread[0] == 0 and spread[-1] == 59999
     # items sorted by class folder (10 classes of 6000): each class gets its share
-    assert np.bincount(np.array(picked) // 6000).tolist() == pytest.approx([410] * 10, abs=1)
+    assert np.bincount(np.array(spread) // 6000).tolist() == pytest.approx([410] * 10, abs=1)
+
+
+def test_picked_images_mix_the_classes_in_every_batch_and_repeat():
+    """Items sorted by class folder, taken in order, would make batches of one class each."""
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    order = picked(60000, 4096)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the run's random numbers untouched
+    assert sorted(order) == evenly_spaced(60000, 4096) and order == picked(60000, 4096)
+    classes = np.array(order) // 6000
+    assert min(len(set(classes[i:i + 64])) for i in range(0, 4096, 64)) >= 8
 
 
 def _model():
@@ -28,22 +39,40 @@ def _model():
                          nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, momentum=0.3))
 
 
-def test_statistics_are_the_average_of_the_batches_and_modes_are_restored():
+def test_statistics_are_those_of_all_the_images_and_modes_are_restored():
+    """Pooled over batches of different sizes and different means (as batches of one class each
+    would be): exactly the mean and variance of everything the BatchNorm saw, not the average of
+    the batches' own figures, which would leave out how far apart their means are."""
     model = _model().train()
-    batches = [torch.randn(n, 3, 8, 8) * 3 + 1 for n in (16, 16, 9, 1)]  # the last, of one image, is skipped
-    seen = recompute_batchnorm(model, batches)
+    batches = [torch.randn(n, 3, 8, 8) * 3 + shift for n, shift in ((16, -4), (16, 0), (9, 5), (1, 0))]
+    seen = recompute_batchnorm(model, batches)  # the last batch, of one image, is skipped
     assert seen == 41
-    feats = [model[0](x) for x in batches[:3]]
     with torch.no_grad():
-        want_mean = torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0)
-        want_var = torch.stack([f.var((0, 2, 3), unbiased=True) for f in feats]).mean(0)
-    torch.testing.assert_close(model[1].running_mean, want_mean)
-    torch.testing.assert_close(model[1].running_var, want_var)
+        f = model[0](torch.cat(batches[:3])).double()
+    torch.testing.assert_close(model[1].running_mean, f.mean((0, 2, 3)).float())
+    torch.testing.assert_close(model[1].running_var, f.var((0, 2, 3), unbiased=True).float())
+    per_batch = torch.stack([model[0](x).var((0, 2, 3)) for x in batches[:3]]).mean(0).detach()
+    # the batches' spread counts (most where a filter responds to the shift of the means)
+    assert (model[1].running_var > per_batch).all() and (model[1].running_var / per_batch).max() > 1.5
     assert model[1].num_batches_tracked == 3
     # modes and momenta as found; no gradient left behind
     assert all(m.training for m in model.modules())
     assert model[1].momentum == 0.1 and model[6].momentum == 0.3
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_interrupted_the_statistics_stay():
+    model = _model().eval()
+    model[1].running_mean.fill_(0.5)
+
+    def batches():
+        yield torch.randn(8, 3, 8, 8)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recompute_batchnorm(model, batches())
+    assert (model[1].running_mean == 0.5).all() and model[1].num_batches_tracked == 0
+    assert not model.training
 
 
 def test_without_a_usable_batch_the_statistics_stay():

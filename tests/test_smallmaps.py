@@ -84,17 +84,20 @@ def test_removed_after_the_block_even_on_error():
 
 def test_weight_gradients_keep_the_channels_last_layout():
     """The 1x1 and stride-2 shortcuts write the weight's gradient in the weight's own layout, so
-    autograd need not copy it (what made them worth writing as an autograd function)."""
+    autograd need not copy it (what made them worth writing as an autograd function). Read through
+    `torch.autograd.grad`, which hands back the gradients as the backward made them: `.grad` would
+    be put in the weight's layout by autograd's accumulation either way (a contiguous one before)."""
     torch.manual_seed(0)
     model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 28, 28)
-    with small_map_convs(model):
-        model(x).sum().backward()
     layer4 = model[0][7]
     # its first conv steps 2x2 -> 1x1 through the kernel's bottom-right 2x2; the others see 1x1 maps
-    for conv, used in ((layer4[0].conv1, (slice(1, 3), slice(1, 3))), (layer4[0].conv2, (1, 1)),
-                       (layer4[1].conv1, (1, 1)), (layer4[1].conv2, (1, 1))):
-        g = conv.weight.grad
+    convs = ((layer4[0].conv1, (slice(1, 3), slice(1, 3))), (layer4[0].conv2, (1, 1)),
+             (layer4[1].conv1, (1, 1)), (layer4[1].conv2, (1, 1)))
+    with small_map_convs(model):
+        grads = torch.autograd.grad(model(x).sum(), [conv.weight for conv, _ in convs])
+    for (conv, used), g in zip(convs, grads):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
         assert g.stride() == conv.weight.stride()
         assert g[(slice(None), slice(None), *used)].abs().sum() > 0
         unused = g.clone()

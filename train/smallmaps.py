@@ -37,7 +37,8 @@ for _p, (_ph, _pw) in enumerate(_POS):
 
 class _CornerLinear(torch.autograd.Function):
     """`F.linear(x2d, weight[:, :, 1:1+k, 1:1+k].flatten(1), bias)`, for a k x k input whose one output
-    position sees it through those k x k taps; backward gives the weight's gradient in its own layout."""
+    position sees it through those k x k taps; backward gives the weight's gradient in its own layout.
+    Differentiable once (training needs no more; a gradient of gradients raises)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast (bf16 training)
