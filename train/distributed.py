@@ -113,6 +113,15 @@ def agree(value):
     return value if world_size() == 1 else _broadcast(value)
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, as DDP does at each forward pass: for
+    buffers a rank changed outside one (train/precisebn.py)."""
+    if world_size() == 1:
+        return
+    for t in model.buffers():
+        dist.broadcast(t, src=0)
+
+
 def rank0_first(build, errors: tuple[type[BaseException], ...] = (Exception,)):
     """`build()` on rank 0, then on the others (which find rank 0's cache and map it, or redo the
     in-memory decode). fastai's `rank0_first` does the same with a barrier, which cannot carry rank

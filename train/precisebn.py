@@ -113,19 +113,6 @@ def recompute_batchnorm(model: nn.Module, batches) -> int:
     return seen
 
 
-def broadcast_batchnorm(model: nn.Module) -> None:
-    """Rank 0's BatchNorm statistics on every rank of a run on several processes. On CPUs the ranks
-    have plain BatchNorms and compute their own, which should agree to the last bit but need not
-    (other CPUs, other thread counts), and the export checks that the ranks hold the same model."""
-    if distributed.world_size() == 1:
-        return
-    import torch.distributed as dist
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for t in (m.running_mean, m.running_var, m.num_batches_tracked):
-                dist.broadcast(t, src=0)
-
-
 class PreciseBatchNorm(Callback):
     """Recomputes the BatchNorm statistics (`recompute_batchnorm`) before the validation of the
     phase's last epoch, so that its validation, the checkpoint and the export all have them. Given
@@ -151,4 +138,6 @@ class PreciseBatchNorm(Callback):
         # a SyncBatchNorm (GPUs) still pools each batch's statistics across the ranks
         model = distributed.unwrap(self.model)
         self.images = recompute_batchnorm(model, (b[0].as_subclass(torch.Tensor) for b in dl))
-        broadcast_batchnorm(model)
+        # on CPUs the ranks have plain BatchNorms and computed their own, which should agree to the
+        # last bit but need not (other CPUs, other thread counts); the export checks the ranks agree
+        distributed.broadcast_buffers(model)

@@ -63,11 +63,14 @@ class _CornerLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _corner_linear(x2d, weight, bias, k):
+    """`_CornerLinear`'s product through autograd, off the CPU (the function is written for CPU autocast)."""
+    return F.linear(x2d, weight[:, :, 1:1 + k, 1:1 + k].flatten(1), bias)
+
+
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
-    # the autograd function is written for CPU autocast; elsewhere the same product through autograd
-    corner = _CornerLinear.apply if x.device.type == "cpu" else (
-        lambda x2d, weight, bias, k: F.linear(x2d, weight[:, :, 1:1 + k, 1:1 + k].flatten(1), bias))
+    corner = _CornerLinear.apply if x.device.type == "cpu" else _corner_linear
     if (h, w) == (1, 1) and self.stride == (1, 1):
         # Only the centre tap meets the input: a linear layer on the channels.
         return corner(x.reshape(n, c), self.weight, self.bias, 1)[:, :, None, None]
