@@ -82,27 +82,43 @@ def test_removed_after_the_block_even_on_error():
         assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
-def test_weight_gradients_keep_the_channels_last_layout():
-    """The 1x1 and stride-2 shortcuts write the weight's gradient in the weight's own layout, so
-    autograd need not copy it (what made them worth writing as an autograd function). Read through
-    `torch.autograd.grad`, which hands back the gradients as the backward made them: `.grad` would
-    be put in the weight's layout by autograd's accumulation either way (a contiguous one before)."""
+def test_weight_gradients_come_in_the_weights_layout():
+    """The 1x1-map shortcuts (layer4 at 28 px) put their weights in the plain layout, which fused
+    AdamW steps without a copy (they never reach oneDNN); the 2x2-map ones (layer3) keep channels-last.
+    Each weight gradient comes in its weight's layout, so autograd need not copy it: read through
+    `torch.autograd.grad`, which hands back the gradients as the backward made them (`.grad` would be
+    put in the weight's layout by autograd's accumulation either way)."""
     torch.manual_seed(0)
     model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 28, 28)
-    layer4 = model[0][7]
-    # its first conv steps 2x2 -> 1x1 through the kernel's bottom-right 2x2; the others see 1x1 maps
-    convs = ((layer4[0].conv1, (slice(1, 3), slice(1, 3))), (layer4[0].conv2, (1, 1)),
-             (layer4[1].conv1, (1, 1)), (layer4[1].conv2, (1, 1)))
+    x = torch.randn(4, 3, 28, 28).contiguous(memory_format=torch.channels_last)
+    layer3, layer4 = model[0][6], model[0][7]
+    # layer4's first conv steps 2x2 -> 1x1 through the kernel's bottom-right 2x2; the others see 1x1 maps
+    corners = ((layer4[0].conv1, (slice(1, 3), slice(1, 3))), (layer4[0].conv2, (1, 1)),
+               (layer4[1].conv1, (1, 1)), (layer4[1].conv2, (1, 1)))
+    blocks = (layer3[0].conv2, layer3[1].conv1, layer3[1].conv2)  # 2x2 maps, stride 1
     with small_map_convs(model):
-        grads = torch.autograd.grad(model(x).sum(), [conv.weight for conv, _ in convs])
-    for (conv, used), g in zip(convs, grads):
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        grads = torch.autograd.grad(model(x).sum(), [conv.weight for conv, _ in corners] + [c.weight for c in blocks])
+    for (conv, used), g in zip(corners, grads):
+        assert conv.weight.is_contiguous()
         assert g.stride() == conv.weight.stride()
         assert g[(slice(None), slice(None), *used)].abs().sum() > 0
         unused = g.clone()
         unused[(slice(None), slice(None), *used)] = 0
         assert unused.abs().sum() == 0
+    for conv, g in zip(blocks, grads[len(corners):]):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert g.stride() == conv.weight.stride() and g.abs().sum() > 0
+
+
+def test_layouts_are_left_alone_under_torch_distributed(monkeypatch):
+    """DDP fixed each gradient's layout when it wrapped the model: a weight changing its own after
+    that would have every gradient copied into its bucket."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
+    with small_map_convs(model):
+        model(torch.randn(2, 3, 28, 28))
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in model.modules()
+               if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
 
 
 @pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 2), ((2, 2), 1)])
