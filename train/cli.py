@@ -139,8 +139,10 @@ def _stop(signum, frame):
 
 
 def main(argv=None) -> int:
+    from train.allocator import keep_freed_memory
     from train.config import parse_config
     cfg = parse_config(argv)
+    keep_freed_memory()  # a step's freed tensors kept for the next (train/allocator.py)
     from train import distributed
     catch_term = (threading.current_thread() is threading.main_thread()  # signal.signal works only there
                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)   # a handler someone set wins
