@@ -9,6 +9,8 @@ mmap threshold at its maximum (32 MB) and freed memory kept up to 256 MB, 0.26 M
 steps, and the median step went from 188-190 to 155-178 ms on 2 cores (bench/train_mnist.py for
 whole runs); peak RSS +130 MB (README, CPU and GPU). What jemalloc or tcmalloc under LD_PRELOAD
 give PyTorch on CPUs, without a library to install. Linux with glibc only: elsewhere nothing is changed.
+Training only: the server does the opposite (`serve.limits.return_freed_memory`), since there
+strangers' uploads, not a step that repeats, shape what is allocated.
 """
 from __future__ import annotations
 
