@@ -21,6 +21,9 @@ from models.cli import fraction, non_negative_int, number, positive_int, seed_in
 # 99.43/99.45/99.45% (median 99.45%) in 0.75-0.81 of the article's time; batch 192 there 99.46/99.46/99.50%,
 # batch 128 (lr 0.015) 99.41/99.39% and slower. Still under the target. Four epochs: 99.50/99.54/99.52%,
 # the target's accuracy, in 161-178 s where the article's pipeline took 148-191 s: over its time, so three stay.
+# 2026-12-04, after faster steps (train/allocator.py, train/smallmaps.py), side by side in that bench: three
+# epochs 99.42/99.52/99.45% (median 99.45%) in 0.90-0.94 of the article's time; four 99.57/99.59/99.43%
+# (median 99.57%) in 1.02-1.21 of it. Four would need ~20% faster steps still (README, Benchmarks).
 # Around these defaults (no head dropout, lr 0.01 or 0.03, stronger augmentation, weight decay 0.1,
 # label smoothing, no augmentation in the last epoch, no weight decay on BatchNorm and biases, and
 # combinations) twenty-three bf16 runs gave 99.35-99.55%, mean 99.42%: within seed noise of the
