@@ -197,3 +197,29 @@ def test_help_says_the_default_and_why():
     assert r.returncode == 0 and "--patience N" in text and "Default: off for MNIST and photos" in text
     bad = run_cli(["mnist", "--patience", "-1"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("stale", ["moments", "gradient"])
+def test_adamw_steps_a_weight_whose_state_has_another_layout_correctly(stale):
+    """torch's fused CPU AdamW walks weight, gradient and moments as flat memory: a channels-last
+    moment (or gradient) of a plain weight got the wrong entries' updates. Training's AdamW puts
+    them in the weight's layout first, so the step equals the one of matching layouts."""
+    from train.learner import TORCH_ADAMW
+    torch.manual_seed(0)
+    w0, g = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    cl = torch.channels_last
+
+    def two_steps(mismatch: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(w0.clone())
+        opt = TORCH_ADAMW([p], lr=0.01)
+        p.grad = g.clone()
+        opt.step()
+        if mismatch and stale == "moments":
+            for name in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][name] = opt.state[p][name].contiguous(memory_format=cl)
+        p.grad = g.clone().contiguous(memory_format=cl) if mismatch and stale == "gradient" else g.clone()
+        opt.step()
+        return p.detach()
+
+    torch.testing.assert_close(two_steps(True), two_steps(False), rtol=0, atol=1e-7)
+    assert not two_steps(False).is_contiguous(memory_format=cl)  # the weight itself stays as it was

@@ -25,7 +25,9 @@ TOP_PAD = 64 << 20          # bytes asked of the kernel beyond each heap growth
 
 
 def keep_freed_memory() -> bool:
-    """Set the thresholds for this process; whether they were taken (False off glibc)."""
+    """Set the thresholds for this process; whether they were taken (False off glibc; True, for
+    nothing, where tcmalloc or jemalloc is preloaded, whose mallopt is a stub that says yes). Blocks
+    over 32 MB (224 px photos at large batches) are still mapped afresh each time: glibc's limit."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -46,7 +46,29 @@ IMAGENET_WEIGHTS = "resnet18-f37072fd.pth"  # torchvision's file name in the tor
 # loop of per-tensor ops on CPU too (~67 ms of a ~0.55 s step at batch 256 on 2 cores); fused
 # does one pass per tensor (~15-25 ms). CPU, CUDA and MPS all have it. Training only: the export
 # swaps it for fastai's plain `Adam` (a partial is what the Hub's pickle scanner flags).
-TORCH_ADAMW = partial(torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True)
+class LayoutSafeAdamW(torch.optim.AdamW):
+    """torch's AdamW, each gradient and moment first put in its weight's memory layout where they
+    differ. The fused CPU kernel walks weight, gradient and moments as flat memory, so with layouts
+    that differ it updates the wrong entries, silently (torch 2.14: 0.017 off after two steps of a
+    small kernel; tested): a channels-last moment of a weight `train/smallmaps.py` has put back in
+    the plain layout (a checkpoint from before it did, resumed), or of one fastai's ChannelsLast turned."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 4:  # only 4-d tensors here have two layouts (contiguous, channels-last)
+                    continue
+                if p.grad is not None and p.grad.stride() != p.stride():
+                    p.grad = torch.empty_like(p).copy_(p.grad)  # empty_like: the weight's own layout
+                state = self.state.get(p)
+                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if state else ():
+                    if name in state and state[name].stride() != p.stride():
+                        state[name] = torch.empty_like(p).copy_(state[name])
+        return super().step(closure)
+
+
+TORCH_ADAMW = partial(LayoutSafeAdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True)
 ADAMW = partial(OptimWrapper, opt=TORCH_ADAMW)
 
 

@@ -103,8 +103,10 @@ def _plain_layout(weight: nn.Parameter) -> None:
     """Put a weight that only the corner products read (never oneDNN) back in the plain NCHW layout,
     in place, before its first gradient and optimiser state: fused AdamW on the CPU copies every
     channels-last tensor to a contiguous one each step, ~3 ms for each of layer4's 512x512x3x3 kernels
-    (of a ~170 ms bf16 step at batch 256). Not under torch.distributed, whose DDP fixed each
-    gradient's layout when it wrapped the model."""
+    (of a ~170 ms bf16 step at batch 256). Its optimiser state must follow (the fused kernel mixes up
+    the entries of tensors laid out differently): training's AdamW sees to it
+    (`train.learner.LayoutSafeAdamW`), for state made before the change. Not under torch.distributed,
+    whose DDP fixed each gradient's layout when it wrapped the model."""
     if not weight.is_contiguous() and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         weight.data = weight.data.contiguous()
 
