@@ -54,7 +54,7 @@ def test_freed_step_memory_is_reused_without_page_faults():
 
 
 def test_the_command_sets_it(monkeypatch):
-    """`python -m train` (train.cli.main) sets it before any data or model is made."""
+    """`python -m train` (train.cli.main) sets it, on a run that then fails as well."""
     import train.allocator
     import train.cli
     calls = []

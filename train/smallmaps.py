@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch import nn
 
+from train import distributed
+
 # For a 2x2 map, stride 1, padding 1: the kernel tap that links output position p to input
 # position q (positions in row-major order (0,0), (0,1), (1,0), (1,1)) is (qh - ph + 1, qw - pw + 1).
 # As a one-hot (9 taps, 16 (p, q) pairs) matrix, so that gathering the taps is a small matrix
@@ -105,9 +107,9 @@ def _plain_layout(weight: nn.Parameter) -> None:
     channels-last tensor to a contiguous one each step, ~3 ms for each of layer4's 512x512x3x3 kernels
     (of a ~170 ms bf16 step at batch 256). Its optimiser state must follow (the fused kernel mixes up
     the entries of tensors laid out differently): training's AdamW sees to it
-    (`train.learner.LayoutSafeAdamW`), for state made before the change. Not under torch.distributed,
-    whose DDP fixed each gradient's layout when it wrapped the model."""
-    if not weight.is_contiguous() and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    (`train.learner.LayoutSafeAdamW`), for state made before the change. Not on a run of several
+    processes, whose DDP fixed each gradient's layout when it wrapped the model."""
+    if not weight.is_contiguous() and distributed.world_size() == 1:
         weight.data = weight.data.contiguous()
 
 
