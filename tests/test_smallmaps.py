@@ -10,7 +10,20 @@ from fastai.vision.learner import create_vision_model
 from torch import nn
 from torchvision.models import resnet18
 
+from train import smallmaps
 from train.smallmaps import small_map_convs
+
+
+@pytest.fixture
+def matmul_grads(monkeypatch):
+    """Every eligible convolution takes its weight gradient as the product, whatever a timing would say."""
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: True)
+
+
+@pytest.fixture
+def onednn_grads(monkeypatch):
+    """Every convolution keeps oneDNN's weight gradient, whatever a timing would say."""
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: False)
 
 
 def _outputs_and_grads(model, x, y):
@@ -23,12 +36,15 @@ def _outputs_and_grads(model, x, y):
 # 28 px: layer3 on 2x2 maps (stride 1), layer4's first conv 2x2 -> 1x1 (stride 2), then 1x1 maps.
 # 20 px: layer3 starts from a 3x3 map (normal path), then the same shortcuts. 64 px: layer4 on 2x2.
 # 48 px: layer4 on 2x2 reached from an odd 3x3 map. 96 px: no map below 3x3, all normal.
+@pytest.mark.parametrize("weight_grads", ["onednn", "matmul"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("size", [28, 20, 64, 48, 96])
-def test_resnet18_outputs_and_gradients_are_unchanged(size):
+def test_resnet18_outputs_and_gradients_are_unchanged(size, layout, weight_grads, monkeypatch):
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: weight_grads == "matmul")
     torch.manual_seed(0)
-    plain = create_vision_model(resnet18, 10, pretrained=False).double().train()
+    plain = create_vision_model(resnet18, 10, pretrained=False).double().train().to(memory_format=layout)
     fast = copy.deepcopy(plain)
-    x = torch.randn(8, 3, size, size, dtype=torch.float64)
+    x = torch.randn(8, 3, size, size, dtype=torch.float64).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (8,))
     torch.manual_seed(1)  # the same dropout masks in the head
     ref_out, ref_grads = _outputs_and_grads(plain, x, y)
@@ -55,7 +71,81 @@ def test_a_conv_with_bias_matches(hw, stride):
         torch.testing.assert_close(g, r)
 
 
-def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch):
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    (3, 1, 1, (5, 6)), (3, 2, 1, (7, 7)), (1, 2, 0, (4, 4)), (1, 2, 0, (2, 2)), (7, 2, 3, (28, 28)),
+    (5, 3, 2, (9, 11)), (1, 1, 0, (3, 3)), ((3, 1), (2, 1), (1, 0), (6, 5))])
+def test_the_weight_gradients_product_matches_the_convolution(kernel, stride, padding, hw, matmul_grads):
+    """Any kernel, stride and zero padding, with a bias, on maps that none of the small-map shortcuts
+    takes: the same output and gradients (input, weight, bias) in float64."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 7, kernel, stride=stride, padding=padding, bias=True).double()
+    x = torch.randn(4, 5, *hw, dtype=torch.float64, requires_grad=True)
+    ref = conv(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
+    calls = []
+    backward = smallmaps._MatmulGradConv.backward
+    with small_map_convs(conv):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(smallmaps._MatmulGradConv, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a)))
+            out = conv(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+    assert calls, "the product's backward did not run: the test would prove nothing"
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", [(3, 1, 1, (4, 4)), (3, 2, 1, (4, 4)), (1, 2, 0, (2, 2))])
+def test_the_weight_gradients_product_under_bf16_autocast(kernel, stride, padding, hw, monkeypatch):
+    """As training computes it: bf16 autocast, channels-last weights. The product's gradients match
+    oneDNN's to bf16's precision, in the same dtypes, and the weight's comes in the weight's layout
+    (autograd would copy it otherwise), read through `autograd.grad`, which hands it back as made."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 16, kernel, stride=stride, padding=padding, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 32, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
+    results = []
+    for by_matmul in (False, True):
+        monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: by_matmul)
+        with small_map_convs(conv), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(x)
+        grads = torch.autograd.grad(out.float().square().sum(), [x, conv.weight])
+        results.append((out, *grads))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert results[1][2].stride() == conv.weight.stride()
+
+
+def test_the_choice_is_timed_once_per_shape_and_draws_no_random_numbers(monkeypatch):
+    """The first training step that meets a shape times both weight gradients (on its own tensors,
+    no random numbers drawn: a seeded run trains the same with it); later steps reuse the verdict.
+    No timing under no_grad (validation), on a frozen weight, or where the im2col matrix is too big."""
+    monkeypatch.setattr(smallmaps, "_MATMUL_CHOICE", {})
+    products = []
+    weight_grad = smallmaps._weight_grad
+    monkeypatch.setattr(smallmaps, "_weight_grad", lambda *a: products.append(1) or weight_grad(*a))
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(2, 8, 6, 6)
+    rng = torch.get_rng_state()
+    with small_map_convs(conv):
+        with torch.no_grad():
+            conv(x)
+        assert not smallmaps._MATMUL_CHOICE and not products
+        conv(x)
+        assert len(smallmaps._MATMUL_CHOICE) == 1 and len(products) == 4  # one untimed, three timed
+        assert torch.equal(torch.get_rng_state(), rng)
+        conv(x).sum().backward()
+        assert len(smallmaps._MATMUL_CHOICE) == 1 and len(products) in (4, 5)  # 5 if the product won
+        conv.weight.requires_grad_(False)
+        conv(torch.randn(3, 8, 6, 6))
+        assert len(smallmaps._MATMUL_CHOICE) == 1
+        conv.weight.requires_grad_(True)
+        monkeypatch.setattr(smallmaps, "MATMUL_MAX_BYTES", 2 * 3 * 3 * 9 * 8 * 4 - 1)  # n x out x taps x c x fp32
+        conv(torch.randn(2, 8, 3, 3))
+        assert list(smallmaps._MATMUL_CHOICE.values())[-1] is False and len(products) in (4, 5)
+
+
+def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch, onednn_grads):
     """resnet18 has 20 convolutions; at 28 px, 7 of them see 1x1 or 2x2 maps (layer3's three
     stride-1 convs, all four of layer4's 3x3 convs) and must not reach the normal convolution."""
     model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)
@@ -69,6 +159,35 @@ def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch):
     with small_map_convs(model):
         model(x)
     assert len(calls) == 13
+
+
+def test_the_heads_pooling_passes_a_1x1_map_through(monkeypatch):
+    """fastai's head pools layer4's map, 1x1 at 28 px: neither pooling kernel runs, the rest do."""
+    model = create_vision_model(resnet18, 10, pretrained=False)
+    calls = []
+    for f in ("adaptive_avg_pool2d", "adaptive_max_pool2d"):
+        real = getattr(nn.functional, f)
+        monkeypatch.setattr(nn.functional, f, lambda *a, real=real, **k: calls.append(a[0].shape) or real(*a, **k))
+    with small_map_convs(model):
+        model(torch.randn(2, 3, 28, 28))
+        assert not calls
+        model(torch.randn(2, 3, 64, 64))  # 2x2: pooled as ever
+        assert len(calls) == 2
+
+
+def test_2x2_maps_stay_channels_last():
+    """layer3's 2x2 products hand their maps on in the input's layout: every BatchNorm of layer3
+    sees channels-last maps, as it does without the shortcuts (a channels-first 2x2 map made its
+    backward ~5x slower); a channels-first model stays channels-first."""
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=layout)
+        seen = []
+        for m in model[0][6].modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=layout)))
+        with small_map_convs(model):
+            model(torch.randn(4, 3, 28, 28).contiguous(memory_format=layout))
+        assert len(seen) == 5 and all(seen), (layout, seen)
 
 
 def test_removed_after_the_block_even_on_error():

@@ -14,12 +14,22 @@ the plain layout (fused AdamW copies channels-last ones each step), and the 2x2-
 channels-last weights and inputs in their own order: with both, a batch-256 bf16 step of MNIST's
 resnet18 170 -> 162 and 183 -> 176 ms (medians of 60, interleaved in one process).
 
+Elsewhere (any convolution on a 4x4 map or a larger one, the 1x1 stride-2 downsamples too) the
+forward and the input's gradient stay oneDNN's, but the weight's gradient may be taken as one matrix
+product over an im2col view of the input (`_weight_grad`) where that is faster. It is on an Intel
+Xeon with AMX (Emerald Rapids): oneDNN's AMX backward-weights kernel spent 4-7 ms on layer2's and
+layer3's 3x3 convolutions at batch 256 in bf16 (the product: 0.7-1.7 ms) and 5 ms on layer4's 1x1
+downsample (0.1 ms), ~45 of a ~160 ms step, but was the faster on layer1's 7x7 maps and on the stem.
+Which is faster depends on the CPU and the shape, so it is timed once per shape and precision, on
+the live tensors, the first time a training step meets it (`_matmul_pays_off`, ~0.3 s in all).
+
 The shortcuts are instance attributes set for the length of a `with` block and always removed,
 so nothing of this module is pickled with the learner.
 """
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 
 import torch
@@ -77,15 +87,16 @@ def _corner_linear(x2d, weight, bias, k):
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     corner = _CornerLinear.apply if x.device.type == "cpu" else _corner_linear
-    if (h, w) == (1, 1) and self.stride == (1, 1):
+    three = self.kernel_size == (3, 3) and self.padding == (1, 1)  # the small-map shortcuts are for these
+    if three and (h, w) == (1, 1) and self.stride == (1, 1):
         # Only the centre tap meets the input: a linear layer on the channels.
         _plain_layout(self.weight)
         return corner(x.reshape(n, c), self.weight, self.bias, 1)[:, :, None, None]
-    if (h, w) == (2, 2) and self.stride == (2, 2):
+    if three and (h, w) == (2, 2) and self.stride == (2, 2):
         # One output position, whose window covers the input with the kernel's bottom-right 2x2.
         _plain_layout(self.weight)
         return corner(x.reshape(n, c * 4), self.weight, self.bias, 2)[:, :, None, None]
-    if (h, w) == (2, 2) and self.stride == (1, 1):
+    if three and (h, w) == (2, 2) and self.stride == (1, 1):
         # Every output position sees every input position through one tap: a (4 out x 4 in)
         # block matrix of taps, one product instead of 9 taps at 4 positions over mostly padding.
         # Taken in the channels-last order, (o, tap, c) for the weight and (position, c) for the
@@ -97,8 +108,112 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         select = _SELECT_T.to(self.weight.device, weight.dtype)
         big = torch.matmul(select, weight).reshape(o * 4, 4 * c)           # rows (o, p), cols (q, c)
         bias = None if self.bias is None else self.bias.repeat_interleave(4)
-        return F.linear(x.permute(0, 2, 3, 1).reshape(n, 4 * c), big, bias).view(n, o, 2, 2)
+        out = F.linear(x.permute(0, 2, 3, 1).reshape(n, 4 * c), big, bias).view(n, o, 2, 2)
+        # Handed on in the input's layout: BatchNorm's backward over channels-first 2x2 maps loops over
+        # 4 numbers at a time (~1 ms of a bf16 step at batch 256 for each of layer3's BatchNorms after
+        # these; channels-last ~0.2 ms), and a residual sum of two layouts is slow too. The copy is
+        # the output's (n x 4o), not the weight's (4o x 4c).
+        return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
+    if x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and _matmul_pays_off(self, x):
+        return _MatmulGradConv.apply(x, self.weight, self.bias, self.stride, self.padding)
     return self._conv_forward(x, self.weight, self.bias)
+
+
+class _MatmulGradConv(torch.autograd.Function):
+    """`F.conv2d(x, weight, bias, stride, padding)` (oneDNN's, forward and the input's gradient) whose
+    weight gradient is `_weight_grad`'s one matrix product. Differentiable once."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast (bf16 training)
+    def forward(ctx, x, weight, bias, stride, padding):
+        if torch.is_autocast_enabled("cpu"):  # what autocast's conv2d computes in: both in its dtype
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        g = g.to(x.dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(g, x, weight, None, ctx.stride, ctx.padding, (1, 1), False,
+                                                     (0, 0), 1, (True, False, False))[0]
+        if ctx.needs_input_grad[1]:
+            gw = _weight_grad(g, x, weight.shape[2:], ctx.stride, ctx.padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None, None
+
+
+def _weight_grad(g: torch.Tensor, x: torch.Tensor, kernel, stride, padding) -> torch.Tensor:
+    """The weight gradient of a convolution (groups 1, dilation 1, zero padding) as one product:
+    (out channels x positions) @ (positions x (kh, kw, in channels)), the input's windows gathered
+    by a strided view of the padded channels-last input (F.unfold, channels-first, took 5-20x
+    longer). Comes back laid out as a channels-last weight is, (o, kh, kw, c) in memory."""
+    n, c = x.shape[:2]
+    o, ho, wo = g.shape[1:]
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xn = x.permute(0, 2, 3, 1)  # (n, h, w, c): a view of a channels-last input
+    xn = (F.pad(xn, (0, 0, pw, pw, ph, ph)) if ph or pw else xn).contiguous()
+    s = xn.stride()
+    cols = xn.as_strided((n, ho, wo, kh, kw, c), (s[0], s[1] * sh, s[2] * sw, s[1], s[2], s[3]))
+    go = g.permute(0, 2, 3, 1).reshape(n * ho * wo, o)
+    return (go.t() @ cols.reshape(n * ho * wo, kh * kw * c)).view(o, kh, kw, c).permute(0, 3, 1, 2)
+
+
+# (shape of the input, of the weight, stride, padding, dtype) -> whether `_weight_grad` is taken there
+_MATMUL_CHOICE: dict[tuple, bool] = {}
+# The product must be this much faster than oneDNN's kernel to be taken: a close call is not worth a
+# path whose rounding differs, and two timings of one kernel differ by a few percent.
+MATMUL_MIN_SPEEDUP = 1.2
+# Nor is it tried where its im2col matrix (kh x kw times the input's size) would pass this many bytes:
+# large maps (photos at 128-224 px) are where oneDNN's kernel does well, and the matrix is transient
+# memory of every step (MNIST at batch 256 in bf16: 4.7 MB for layer2's 3x3 convolutions, 14.5 MB for layer1's).
+MATMUL_MAX_BYTES = 32 * 2**20
+
+
+def _matmul_pays_off(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `_weight_grad` is at least MATMUL_MIN_SPEEDUP times faster than oneDNN's backward-weights
+    kernel for this convolution and input, timed here the first time (the fastest of 3 each, after one
+    untimed each, in turns), on the live input and weight in the dtype the step computes in and an
+    output-shaped stand-in for the gradient: no random numbers are drawn."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, dtype)
+    if key not in _MATMUL_CHOICE and _im2col_bytes(conv, x, dtype) > MATMUL_MAX_BYTES:
+        _MATMUL_CHOICE[key] = False
+    if key not in _MATMUL_CHOICE:
+        with torch.no_grad():
+            xc, w = x.detach().to(dtype), conv.weight.detach().to(dtype)
+            g = F.conv2d(xc, w, None, conv.stride, conv.padding)
+            args = (None, conv.stride, conv.padding, (1, 1), False, (0, 0), 1, (False, True, False))
+            runs = {"onednn": lambda: torch.ops.aten.convolution_backward(g, xc, w, *args),
+                    "matmul": lambda: _weight_grad(g, xc, w.shape[2:], conv.stride, conv.padding)}
+            best = {name: float("inf") for name in runs}
+            for i in range(4):
+                for name, run in runs.items():
+                    t = time.perf_counter()
+                    run()
+                    if i:
+                        best[name] = min(best[name], time.perf_counter() - t)
+        _MATMUL_CHOICE[key] = best["onednn"] >= MATMUL_MIN_SPEEDUP * best["matmul"]
+    return _MATMUL_CHOICE[key]
+
+
+def _im2col_bytes(conv: nn.Conv2d, x: torch.Tensor, dtype: torch.dtype) -> int:
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    return n * ho * wo * kh * kw * c * dtype.itemsize
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def _plain_layout(weight: nn.Parameter) -> None:
@@ -114,17 +229,31 @@ def _plain_layout(weight: nn.Parameter) -> None:
 
 
 def _eligible(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.kernel_size == (3, 3) and m.padding == (1, 1)
-            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+    return (type(m) is nn.Conv2d and not isinstance(m.padding, str) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding_mode == "zeros")
+
+
+def _pool_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Pooling a 1x1 map to 1x1 (the head's AdaptiveConcatPool2d, after layer4 at 28-32 px) is the
+    # identity, gradient included: adaptive_max_pool2d took ~1.5 ms of a bf16 step at batch 256
+    # (its backward and the average's ~0.5 ms more) to copy 512 numbers per image.
+    return x if x.shape[-2:] == (1, 1) else type(self).forward(self, x)
+
+
+def _is_global_pool(m: nn.Module) -> bool:
+    return (type(m) in (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d) and m.output_size in (1, (1, 1))
+            and not getattr(m, "return_indices", False))  # indices would make the output a pair
 
 
 @contextlib.contextmanager
 def small_map_convs(model: nn.Module, enabled: bool = True):
     """Within the block, the model's 3x3 convolutions take the shortcuts when their input is 1x1
-    or 2x2 (any other size runs the normal convolution)."""
-    patched = [m for m in model.modules() if _eligible(m)] if enabled else []
+    or 2x2, and any of its convolutions elsewhere takes its weight gradient as a matrix product
+    where that was timed faster (else the normal convolution runs); its global poolings pass a
+    1x1 map through."""
+    patched = [m for m in model.modules() if _eligible(m) or _is_global_pool(m)] if enabled else []
     for m in patched:
-        m.forward = types.MethodType(_forward, m)
+        m.forward = types.MethodType(_forward if isinstance(m, nn.Conv2d) else _pool_forward, m)
     try:
         yield model
     finally:
