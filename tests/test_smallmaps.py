@@ -14,6 +14,19 @@ from train import smallmaps
 from train.smallmaps import small_map_convs
 
 
+def _bf16_output_and_grads(conv, x, shortcuts=True):
+    """`conv`'s output and its input's and weight's gradients, as training computes them (bf16 autocast)."""
+    with small_map_convs(conv, enabled=shortcuts), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    return (out, *torch.autograd.grad(out.float().square().sum(), [x, conv.weight]))
+
+
+def _assert_bf16_close(got, want):
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.fixture
 def matmul_grads(monkeypatch):
     """Every eligible convolution takes its weight gradient as the product, whatever a timing would say."""
@@ -103,17 +116,12 @@ def test_the_weight_gradients_product_under_bf16_autocast(kernel, stride, paddin
     torch.manual_seed(0)
     conv = nn.Conv2d(32, 16, kernel, stride=stride, padding=padding, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(8, 32, *hw).contiguous(memory_format=torch.channels_last).requires_grad_()
-    results = []
-    for by_matmul in (False, True):
-        monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: by_matmul)
-        with small_map_convs(conv), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = conv(x)
-        grads = torch.autograd.grad(out.float().square().sum(), [x, conv.weight])
-        results.append((out, *grads))
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    assert results[1][2].stride() == conv.weight.stride()
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: False)
+    want = _bf16_output_and_grads(conv, x)
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: True)
+    got = _bf16_output_and_grads(conv, x)
+    _assert_bf16_close(got, want)
+    assert got[2].stride() == conv.weight.stride()
 
 
 def test_the_choice_is_timed_once_per_shape_and_draws_no_random_numbers(monkeypatch):
@@ -246,12 +254,4 @@ def test_shortcuts_under_bf16_autocast_match_the_convolution(hw, stride):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(4, 16, *hw, requires_grad=True)
-    results = []
-    for shortcut in (False, True):
-        with small_map_convs(conv, enabled=shortcut), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = conv(x)
-        grads = torch.autograd.grad(out.float().square().sum(), [x, conv.weight])
-        results.append((out, *grads))
-    for got, want in zip(results[1], results[0]):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    _assert_bf16_close(_bf16_output_and_grads(conv, x), _bf16_output_and_grads(conv, x, shortcuts=False))
