@@ -14,6 +14,26 @@ from train import smallmaps
 from train.smallmaps import small_map_convs
 
 
+REAL_PAYS_OFF = smallmaps._matmul_pays_off
+
+
+@pytest.fixture(autouse=True)
+def fixed_weight_grads(monkeypatch):
+    """Each test starts with no timed verdicts and oneDNN's weight gradients, unless it asks for the
+    product (`matmul_grads`) or the timing itself: which path runs is then the test's choice, never
+    the machine's load, and no verdict of a test reaches another (test_train's fits time their own)."""
+    monkeypatch.setattr(smallmaps, "_MATMUL_CHOICE", {})
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: False)
+
+
+def _count_products(monkeypatch) -> list:
+    """A list that grows by one each time the product's backward runs."""
+    calls = []
+    backward = smallmaps._MatmulGradConv.backward
+    monkeypatch.setattr(smallmaps._MatmulGradConv, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a)))
+    return calls
+
+
 def _bf16_output_and_grads(conv, x, shortcuts=True):
     """`conv`'s output and its input's and weight's gradients, as training computes them (bf16 autocast)."""
     with small_map_convs(conv, enabled=shortcuts), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -33,10 +53,6 @@ def matmul_grads(monkeypatch):
     monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: True)
 
 
-@pytest.fixture
-def onednn_grads(monkeypatch):
-    """Every convolution keeps oneDNN's weight gradient, whatever a timing would say."""
-    monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: False)
 
 
 def _outputs_and_grads(model, x, y):
@@ -61,9 +77,11 @@ def test_resnet18_outputs_and_gradients_are_unchanged(size, layout, weight_grads
     y = torch.randint(0, 10, (8,))
     torch.manual_seed(1)  # the same dropout masks in the head
     ref_out, ref_grads = _outputs_and_grads(plain, x, y)
+    products = _count_products(monkeypatch)
     with small_map_convs(fast):
         torch.manual_seed(1)
         out, grads = _outputs_and_grads(fast, x, y)
+    assert bool(products) == (weight_grads == "matmul")
     torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
@@ -87,7 +105,7 @@ def test_a_conv_with_bias_matches(hw, stride):
 @pytest.mark.parametrize("kernel,stride,padding,hw", [
     (3, 1, 1, (5, 6)), (3, 2, 1, (7, 7)), (1, 2, 0, (4, 4)), (1, 2, 0, (2, 2)), (7, 2, 3, (28, 28)),
     (5, 3, 2, (9, 11)), (1, 1, 0, (3, 3)), ((3, 1), (2, 1), (1, 0), (6, 5))])
-def test_the_weight_gradients_product_matches_the_convolution(kernel, stride, padding, hw, matmul_grads):
+def test_the_weight_gradients_product_matches_the_convolution(kernel, stride, padding, hw, matmul_grads, monkeypatch):
     """Any kernel, stride and zero padding, with a bias, on maps that none of the small-map shortcuts
     takes: the same output and gradients (input, weight, bias) in float64."""
     torch.manual_seed(0)
@@ -95,13 +113,10 @@ def test_the_weight_gradients_product_matches_the_convolution(kernel, stride, pa
     x = torch.randn(4, 5, *hw, dtype=torch.float64, requires_grad=True)
     ref = conv(x)
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
-    calls = []
-    backward = smallmaps._MatmulGradConv.backward
+    calls = _count_products(monkeypatch)
     with small_map_convs(conv):
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(smallmaps._MatmulGradConv, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a)))
-            out = conv(x)
-            grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+        out = conv(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
     assert calls, "the product's backward did not run: the test would prove nothing"
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for g, r in zip(grads, ref_grads):
@@ -126,9 +141,10 @@ def test_the_weight_gradients_product_under_bf16_autocast(kernel, stride, paddin
 
 def test_the_choice_is_timed_once_per_shape_and_draws_no_random_numbers(monkeypatch):
     """The first training step that meets a shape times both weight gradients (on its own tensors,
-    no random numbers drawn: a seeded run trains the same with it); later steps reuse the verdict.
-    No timing under no_grad (validation), on a frozen weight, or where the im2col matrix is too big."""
-    monkeypatch.setattr(smallmaps, "_MATMUL_CHOICE", {})
+    no random numbers drawn: the run's own are left as they were); later steps reuse the verdict.
+    No timing under no_grad (validation), on a frozen weight, where the im2col matrix is too big,
+    or on a run of several processes."""
+    monkeypatch.setattr(smallmaps, "_matmul_pays_off", REAL_PAYS_OFF)
     products = []
     weight_grad = smallmaps._weight_grad
     monkeypatch.setattr(smallmaps, "_weight_grad", lambda *a: products.append(1) or weight_grad(*a))
@@ -151,9 +167,24 @@ def test_the_choice_is_timed_once_per_shape_and_draws_no_random_numbers(monkeypa
         monkeypatch.setattr(smallmaps, "MATMUL_MAX_BYTES", 2 * 3 * 3 * 9 * 8 * 4 - 1)  # n x out x taps x c x fp32
         conv(torch.randn(2, 8, 3, 3))
         assert list(smallmaps._MATMUL_CHOICE.values())[-1] is False and len(products) in (4, 5)
+        import train.distributed
+        monkeypatch.setattr(train.distributed, "world_size", lambda: 2)
+        conv(torch.randn(2, 8, 5, 5))
+        assert len(smallmaps._MATMUL_CHOICE) == 3 and list(smallmaps._MATMUL_CHOICE.values())[-1] is False
+        assert len(products) in (4, 5)
 
 
-def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch, onednn_grads):
+def test_float64_and_unbatched_inputs_under_autocast(matmul_grads):
+    """Autocast leaves float64 alone, and so does the product's path; an unbatched image (3-d) runs
+    the plain convolution, as nn.Conv2d takes it."""
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    with small_map_convs(conv), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x).dtype == torch.float64
+        assert conv(x[0]).shape == (6, 5, 5)
+
+
+def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch):
     """resnet18 has 20 convolutions; at 28 px, 7 of them see 1x1 or 2x2 maps (layer3's three
     stride-1 convs, all four of layer4's 3x3 convs) and must not reach the normal convolution."""
     model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=torch.channels_last)

@@ -29,6 +29,7 @@ so nothing of this module is pickled with the learner.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import types
 
@@ -38,6 +39,8 @@ from torch.autograd.function import once_differentiable
 from torch import nn
 
 from train import distributed
+
+log = logging.getLogger(__name__)
 
 # For a 2x2 map, stride 1, padding 1: the kernel tap that links output position p to input
 # position q (positions in row-major order (0,0), (0,1), (1,0), (1,1)) is (qh - ph + 1, qw - pw + 1).
@@ -85,6 +88,8 @@ def _corner_linear(x2d, weight, bias, k):
 
 
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4:  # one unbatched image (nn.Conv2d takes it): none of this applies
+        return self._conv_forward(x, self.weight, self.bias)
     n, c, h, w = x.shape
     corner = _CornerLinear.apply if x.device.type == "cpu" else _corner_linear
     three = self.kernel_size == (3, 3) and self.padding == (1, 1)  # the small-map shortcuts are for these
@@ -126,10 +131,9 @@ class _MatmulGradConv(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast (bf16 training)
     def forward(ctx, x, weight, bias, stride, padding):
-        if torch.is_autocast_enabled("cpu"):  # what autocast's conv2d computes in: both in its dtype
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+        dtype = _compute_dtype(x)  # what autocast's conv2d computes in: both in its dtype
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
         return F.conv2d(x, weight, bias, stride, padding)
@@ -178,14 +182,27 @@ MATMUL_MIN_SPEEDUP = 1.2
 MATMUL_MAX_BYTES = 32 * 2**20
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of `x` computes in: CPU autocast's for floating-point inputs other than
+    float64 (which autocast leaves alone), else `x`'s own."""
+    autocast = torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64
+    return torch.get_autocast_dtype("cpu") if autocast else x.dtype
+
+
 def _matmul_pays_off(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether `_weight_grad` is at least MATMUL_MIN_SPEEDUP times faster than oneDNN's backward-weights
     kernel for this convolution and input, timed here the first time (the fastest of 3 each, after one
     untimed each, in turns), on the live input and weight in the dtype the step computes in and an
-    output-shaped stand-in for the gradient: no random numbers are drawn."""
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    output-shaped stand-in for the gradient. No random numbers are drawn, so the run's own are left as
+    they were; but like `--precision auto` (train/precision.py) it is a timed choice, and the two round
+    differently, so two runs of one seed may differ in the last digits. Each verdict is logged (DEBUG).
+    On a run of several processes oneDNN's stays, untimed: ranks timing at once on shared cores would
+    choose by noise, and a verdict sent from rank 0 would be a collective inside a forward pass, which
+    the passes rank 0 makes alone (lr_find, the precision timing) would leave unanswered."""
+    dtype = _compute_dtype(x)
     key = (tuple(x.shape), tuple(conv.weight.shape), conv.stride, conv.padding, dtype)
-    if key not in _MATMUL_CHOICE and _im2col_bytes(conv, x, dtype) > MATMUL_MAX_BYTES:
+    if key not in _MATMUL_CHOICE and (distributed.world_size() > 1
+                                      or _im2col_bytes(conv, x, dtype) > MATMUL_MAX_BYTES):
         _MATMUL_CHOICE[key] = False
     if key not in _MATMUL_CHOICE:
         with torch.no_grad():
@@ -202,6 +219,10 @@ def _matmul_pays_off(conv: nn.Conv2d, x: torch.Tensor) -> bool:
                     if i:
                         best[name] = min(best[name], time.perf_counter() - t)
         _MATMUL_CHOICE[key] = best["onednn"] >= MATMUL_MIN_SPEEDUP * best["matmul"]
+        log.debug("conv weight gradient, input %s, weight %s, stride %s, %s: oneDNN %.2f ms, product %.2f ms; "
+                 "taking %s", "x".join(map(str, x.shape)), "x".join(map(str, conv.weight.shape)), conv.stride,
+                 str(dtype).removeprefix("torch."), 1000 * best["onednn"], 1000 * best["matmul"],
+                 "the product" if _MATMUL_CHOICE[key] else "oneDNN's")
     return _MATMUL_CHOICE[key]
 
 
