@@ -53,8 +53,6 @@ def matmul_grads(monkeypatch):
     monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: True)
 
 
-
-
 def _outputs_and_grads(model, x, y):
     model.zero_grad()
     out = model(x)

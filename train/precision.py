@@ -17,13 +17,13 @@ is clearly faster.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 
 from train import distributed
+from train.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,6 @@ def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: in
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [(m, m.training) for m in model.modules()]
     trainable = [(p, p.requires_grad) for p in model.parameters()]
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     model.train()
     for p, _ in trainable:
         p.requires_grad_(True)
@@ -124,16 +123,14 @@ def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: in
     try:
         with torch.random.fork_rng(devices=[]):
             x = torch.randn(batch_shape).contiguous(memory_format=torch.channels_last)
-            for i in range(steps + 1):
-                for name, seen in times.items():
-                    t = time.perf_counter()
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-                        out = model(x)
-                    out.float().sum().backward()  # any scalar: the backward pass costs the same
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if i:
-                        seen.append(time.perf_counter() - t)
+
+            def step(bf16: bool) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = model(x)
+                out.float().sum().backward()  # any scalar: the backward pass costs the same
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return fastest_seconds({"fp32": lambda: step(False), "bf16": lambda: step(True)}, steps)
     finally:
         model.zero_grad(set_to_none=True)
         for p, requires_grad in trainable:
@@ -141,7 +138,6 @@ def step_seconds(model: torch.nn.Module, batch_shape: tuple[int, ...], steps: in
         model.load_state_dict(saved)  # copies into the tensors in place, their layout kept
         for m, training in modes:
             m.training = training
-    return {name: min(seen) for name, seen in times.items()}
 
 
 def precision_of(learn: Learner) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import types
 
 import torch
@@ -39,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch import nn
 
 from train import distributed
+from train.timing import fastest_seconds
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +209,9 @@ def _matmul_pays_off(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             xc, w = x.detach().to(dtype), conv.weight.detach().to(dtype)
             g = F.conv2d(xc, w, None, conv.stride, conv.padding)
             args = (None, conv.stride, conv.padding, (1, 1), False, (0, 0), 1, (False, True, False))
-            runs = {"onednn": lambda: torch.ops.aten.convolution_backward(g, xc, w, *args),
-                    "matmul": lambda: _weight_grad(g, xc, w.shape[2:], conv.stride, conv.padding)}
-            best = {name: float("inf") for name in runs}
-            for i in range(4):
-                for name, run in runs.items():
-                    t = time.perf_counter()
-                    run()
-                    if i:
-                        best[name] = min(best[name], time.perf_counter() - t)
+            best = fastest_seconds({
+                "onednn": lambda: torch.ops.aten.convolution_backward(g, xc, w, *args),
+                "matmul": lambda: _weight_grad(g, xc, w.shape[2:], conv.stride, conv.padding)}, repeats=3)
         _MATMUL_CHOICE[key] = best["onednn"] >= MATMUL_MIN_SPEEDUP * best["matmul"]
         log.debug("conv weight gradient, input %s, weight %s, stride %s, %s: oneDNN %.2f ms, product %.2f ms; "
                  "taking %s", "x".join(map(str, x.shape)), "x".join(map(str, conv.weight.shape)), conv.stride,
