@@ -223,3 +223,39 @@ def test_adamw_steps_a_weight_whose_state_has_another_layout_correctly(stale):
 
     torch.testing.assert_close(two_steps(True), two_steps(False), rtol=0, atol=1e-7)
     assert not two_steps(False).is_contiguous(memory_format=cl)  # the weight itself stays as it was
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "tap_major", "contiguous"])
+def test_adamw_steps_weights_of_any_layout_as_contiguous_ones(layout, monkeypatch):
+    """Training's AdamW steps a weight laid out other than contiguously as the flat memory it fills
+    (the fused kernel would copy it): the same numbers as stepping a contiguous copy, and the weight,
+    its gradient and its moments keep their shapes and layouts."""
+    import train.learner
+    from train.learner import TORCH_ADAMW
+    flat_steps = []
+    step_flat = train.learner._step_flat
+    monkeypatch.setattr(train.learner, "_step_flat", lambda p, state: flat_steps.append(p) or step_flat(p, state))
+    torch.manual_seed(0)
+    w0, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(3)]
+    lay = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+           "tap_major": lambda t: t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),
+           "contiguous": lambda t: t.contiguous()}[layout]
+
+    def three_steps(layout_of) -> tuple:
+        p = torch.nn.Parameter(layout_of(w0.clone()))
+        opt = TORCH_ADAMW([p], lr=0.01)
+        for g in grads:
+            p.grad = layout_of(g.clone())
+            opt.step()
+        return p, opt.state[p]
+
+    p, state = three_steps(lay)
+    # stepped flat from its second step on (the first makes the moments), unless contiguous already
+    assert len(flat_steps) == (0 if layout == "contiguous" else 2)
+    ref, ref_state = three_steps(lambda t: t.contiguous())
+    assert torch.equal(p.detach(), ref.detach())
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(state[name], ref_state[name])
+        assert state[name].shape == p.shape and state[name].stride() == p.stride()
+    assert p.shape == w0.shape and p.stride() == lay(w0).stride()
+    assert p.grad.shape == p.shape and p.grad.stride() == p.stride() and torch.equal(p.grad, grads[-1])

@@ -239,8 +239,8 @@ def test_removed_after_the_block_even_on_error():
 
 
 def test_weight_gradients_come_in_the_weights_layout():
-    """The 1x1-map shortcuts (layer4 at 28 px) put their weights in the plain layout, which fused
-    AdamW steps without a copy (they never reach oneDNN); the 2x2-map ones (layer3) keep channels-last.
+    """The 1x1-map shortcuts (layer4 at 28 px) lay their weights out tap by tap, (kh, kw, out, in) in
+    memory, so that each tap is one block (they never reach oneDNN); the 2x2-map ones (layer3) keep channels-last.
     Each weight gradient comes in its weight's layout, so autograd need not copy it: read through
     `torch.autograd.grad`, which hands back the gradients as the backward made them (`.grad` would be
     put in the weight's layout by autograd's accumulation either way)."""
@@ -255,7 +255,9 @@ def test_weight_gradients_come_in_the_weights_layout():
     with small_map_convs(model):
         grads = torch.autograd.grad(model(x).sum(), [conv.weight for conv, _ in corners] + [c.weight for c in blocks])
     for (conv, used), g in zip(corners, grads):
-        assert conv.weight.is_contiguous()
+        o, c = conv.weight.shape[:2]
+        assert conv.weight.stride() == (c, 1, 3 * o * c, o * c)
+        assert conv.weight[:, :, 1, 1].is_contiguous()
         assert g.stride() == conv.weight.stride()
         assert g[(slice(None), slice(None), *used)].abs().sum() > 0
         unused = g.clone()

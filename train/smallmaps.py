@@ -9,10 +9,9 @@ Here they are written as the matrix products they really are. Same weights, same
 gradients (equal to 1e-14 in float64; tested), so the model that is exported is a plain resnet18.
 On 1x1 maps and the stride-2 step onto them, the weight gradient is written straight into a zero
 tensor laid out like the weight: autograd's own way, through the slice, filled and copied the whole
-3x3 kernel three times (~10 ms of a ~330 ms step at batch 256 on 2 cores). Those weights are kept in
-the plain layout (fused AdamW copies channels-last ones each step), and the 2x2-map products read
-channels-last weights and inputs in their own order: with both, a batch-256 bf16 step of MNIST's
-resnet18 170 -> 162 and 183 -> 176 ms (medians of 60, interleaved in one process).
+3x3 kernel three times (~10 ms of a ~330 ms step at batch 256 on 2 cores). Those weights are laid
+out tap by tap while training (`_tap_major`), so that the taps they use are whole blocks of memory,
+and the 2x2-map products read channels-last weights and inputs in their own order.
 
 Elsewhere (any convolution on a 4x4 map or a larger one, the 1x1 stride-2 downsamples too) the
 forward and the input's gradient stay oneDNN's, but the weight's gradient may be taken as one matrix
@@ -55,14 +54,15 @@ _SELECT_T = _SELECT.t().contiguous()  # (16 (p, q) pairs, 9 taps)
 
 
 class _CornerLinear(torch.autograd.Function):
-    """`F.linear(x2d, weight[:, :, 1:1+k, 1:1+k].flatten(1), bias)`, for a k x k input whose one output
-    position sees it through those k x k taps; backward gives the weight's gradient in its own layout.
-    Differentiable once (training needs no more; a gradient of gradients raises)."""
+    """`F.linear(x2d, _taps(weight, k), bias)`, for a k x k input (`x2d` in (row, column, channel)
+    order) whose one output position sees it through the kernel's taps from (1, 1) to (k, k); backward
+    gives the weight's gradient in its own layout. Differentiable once (training needs no more; a
+    gradient of gradients raises)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")  # backward runs under the forward's autocast (bf16 training)
     def forward(ctx, x2d, weight, bias, k):
-        taps = weight[:, :, 1:1 + k, 1:1 + k].flatten(1)
+        taps = _taps(weight, k)
         ctx.save_for_backward(x2d, weight, taps)
         ctx.k, ctx.has_bias = k, bias is not None
         return F.linear(x2d, taps, bias)
@@ -77,14 +77,20 @@ class _CornerLinear(torch.autograd.Function):
         gw = None
         if ctx.needs_input_grad[1]:
             gw = torch.zeros_like(weight)  # the weight's layout, so that autograd keeps it as is
-            gw[:, :, 1:1 + k, 1:1 + k] = (g.t() @ x2d.to(g.dtype)).view(o, c, k, k)
+            gw[:, :, 1:1 + k, 1:1 + k].permute(0, 2, 3, 1).copy_((g.t() @ x2d.to(g.dtype)).view(o, k, k, c))
         gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return gx, gw, gb, None
 
 
+def _taps(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The kernel's taps from (1, 1) to (k, k) as one (out, (row, column, in)) matrix: one contiguous
+    block of a tap-major weight (`_tap_major`) for k = 1, four gathered for k = 2."""
+    return weight[:, :, 1:1 + k, 1:1 + k].permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
 def _corner_linear(x2d, weight, bias, k):
     """`_CornerLinear`'s product through autograd, off the CPU (the function is written for CPU autocast)."""
-    return F.linear(x2d, weight[:, :, 1:1 + k, 1:1 + k].flatten(1), bias)
+    return F.linear(x2d, _taps(weight, k), bias)
 
 
 def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +101,13 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     three = self.kernel_size == (3, 3) and self.padding == (1, 1)  # the small-map shortcuts are for these
     if three and (h, w) == (1, 1) and self.stride == (1, 1):
         # Only the centre tap meets the input: a linear layer on the channels.
-        _plain_layout(self.weight)
+        _tap_major(self.weight)
         return corner(x.reshape(n, c), self.weight, self.bias, 1)[:, :, None, None]
     if three and (h, w) == (2, 2) and self.stride == (2, 2):
-        # One output position, whose window covers the input with the kernel's bottom-right 2x2.
-        _plain_layout(self.weight)
-        return corner(x.reshape(n, c * 4), self.weight, self.bias, 2)[:, :, None, None]
+        # One output position, whose window covers the input with the kernel's bottom-right 2x2;
+        # the input in (row, column, channel) order, a view of a channels-last one.
+        _tap_major(self.weight)
+        return corner(x.permute(0, 2, 3, 1).reshape(n, 4 * c), self.weight, self.bias, 2)[:, :, None, None]
     if three and (h, w) == (2, 2) and self.stride == (1, 1):
         # Every output position sees every input position through one tap: a (4 out x 4 in)
         # block matrix of taps, one product instead of 9 taps at 4 positions over mostly padding.
@@ -231,16 +238,22 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _plain_layout(weight: nn.Parameter) -> None:
-    """Put a weight that only the corner products read (never oneDNN) back in the plain NCHW layout,
-    in place, before its first gradient and optimiser state: fused AdamW on the CPU copies every
-    channels-last tensor to a contiguous one each step, ~3 ms for each of layer4's 512x512x3x3 kernels
-    (of a ~170 ms bf16 step at batch 256). Its optimiser state must follow (the fused kernel mixes up
-    the entries of tensors laid out differently): training's AdamW sees to it
-    (`train.learner.LayoutSafeAdamW`), for state made before the change. Not on a run of several
-    processes, whose DDP fixed each gradient's layout when it wrapped the model."""
-    if not weight.is_contiguous() and distributed.world_size() == 1:
-        weight.data = weight.data.contiguous()
+def _tap_major(weight: nn.Parameter) -> None:
+    """Lay out a weight that only the corner products read (never oneDNN) tap by tap, (kh, kw, out, in)
+    in memory, in place, before its first gradient and optimiser state: each tap's (out x in) matrix is
+    then one contiguous block, which the forward pass casts and the backward pass writes whole. Laid out
+    plainly (out, in, kh, kw), the centre tap is every ninth number: gathering it, casting it to bf16
+    and scattering its gradient back took ~8 ms of a ~108 ms bf16 step at batch 256 on 2 cores (an
+    Intel Xeon with AMX) for layer4's four such kernels. The optimiser state follows the weight's
+    layout (`train.learner.LayoutSafeAdamW`, which also steps such weights as flat memory). Not on a
+    run of several processes, whose DDP fixed each gradient's layout when it wrapped the model."""
+    if weight.stride() != _tap_major_strides(weight.shape) and distributed.world_size() == 1:
+        weight.data = weight.data.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+
+def _tap_major_strides(shape) -> tuple[int, ...]:
+    o, c, kh, kw = shape
+    return (c, 1, kw * o * c, o * c)
 
 
 def _eligible(m: nn.Module) -> bool:
