@@ -234,7 +234,7 @@ def test_adamw_steps_weights_of_any_layout_as_contiguous_ones(layout, monkeypatc
     from train.learner import TORCH_ADAMW
     flat_steps = []
     step_flat = train.learner._step_flat
-    monkeypatch.setattr(train.learner, "_step_flat", lambda p, state: flat_steps.append(p) or step_flat(p, state))
+    monkeypatch.setattr(train.learner, "_step_flat", lambda p, *args: flat_steps.append(p) or step_flat(p, *args))
     torch.manual_seed(0)
     w0, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(3)]
     lay = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
@@ -259,3 +259,27 @@ def test_adamw_steps_weights_of_any_layout_as_contiguous_ones(layout, monkeypatc
         assert state[name].shape == p.shape and state[name].stride() == p.stride()
     assert p.shape == w0.shape and p.stride() == lay(w0).stride()
     assert p.grad.shape == p.shape and p.grad.stride() == p.stride() and torch.equal(p.grad, grads[-1])
+
+
+def test_adamw_stopped_before_its_step_leaves_every_weight_in_shape(monkeypatch):
+    """A stop between flattening one weight and the step (Ctrl-C, out of memory while putting a later
+    gradient in its weight's layout) must not leave that weight, its gradient or moments flat."""
+    from train.learner import TORCH_ADAMW
+    tap_major = lambda t: t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)  # noqa: E731
+    ps = [torch.nn.Parameter(tap_major(torch.randn(8, 4, 3, 3))) for _ in range(2)]
+    opt = TORCH_ADAMW(ps, lr=0.01)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    ps[0].grad = torch.randn_like(ps[0])
+    ps[1].grad = torch.randn(8, 4, 3, 3)  # another layout: put in the weight's by empty_like, which stops here
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, "empty_like", stop)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    for p in ps:
+        assert p.shape == p.grad.shape == (8, 4, 3, 3)
+        assert all(opt.state[p][k].shape == p.shape for k in ("exp_avg", "exp_avg_sq"))
+    assert ps[0].stride() == ps[0].grad.stride() == opt.state[ps[0]]["exp_avg"].stride() == (4, 1, 96, 32)

@@ -254,11 +254,11 @@ def test_weight_gradients_come_in_the_weights_layout():
     blocks = (layer3[0].conv2, layer3[1].conv1, layer3[1].conv2)  # 2x2 maps, stride 1
     with small_map_convs(model):
         grads = torch.autograd.grad(model(x).sum(), [conv.weight for conv, _ in corners] + [c.weight for c in blocks])
-    for (conv, used), g in zip(corners, grads):
+        strides = [conv.weight.stride() for conv, _ in corners]
+    for (conv, used), g, stride in zip(corners, grads, strides):
         o, c = conv.weight.shape[:2]
-        assert conv.weight.stride() == (c, 1, 3 * o * c, o * c)
-        assert conv.weight[:, :, 1, 1].is_contiguous()
-        assert g.stride() == conv.weight.stride()
+        assert stride == (c, 1, 3 * o * c, o * c)
+        assert g.stride() == stride
         assert g[(slice(None), slice(None), *used)].abs().sum() > 0
         unused = g.clone()
         unused[(slice(None), slice(None), *used)] = 0
@@ -266,6 +266,20 @@ def test_weight_gradients_come_in_the_weights_layout():
     for conv, g in zip(blocks, grads[len(corners):]):
         assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
         assert g.stride() == conv.weight.stride() and g.abs().sum() > 0
+
+
+def test_weights_are_put_back_in_their_layout_after_the_block():
+    """Outside the block a tap-major weight would meet oneDNN, which reorders it on every call, and
+    the exported model would keep it: each weight leaves in the layout it came in, values unchanged."""
+    torch.manual_seed(0)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=layout)
+        before = {k: (v.stride(), v.detach().clone()) for k, v in model.named_parameters()}
+        with small_map_convs(model):
+            model(torch.randn(4, 3, 28, 28).contiguous(memory_format=layout)).sum().backward()
+            assert model[0][7][1].conv2.weight[:, :, 1, 1].is_contiguous()  # tap by tap inside
+        for k, v in model.named_parameters():  # (the BatchNorms' statistics did move: a training pass)
+            assert v.stride() == before[k][0] and torch.equal(v, before[k][1]), k
 
 
 def test_layouts_are_left_alone_on_several_processes(monkeypatch):

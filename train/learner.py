@@ -61,23 +61,25 @@ class LayoutSafeAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         flattened = []  # (weight, its tensors as they were) for each weight stepped flat
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 4:  # only 4-d tensors here have several layouts
-                    continue
-                if p.grad is not None and p.grad.stride() != p.stride():
-                    p.grad = torch.empty_like(p).copy_(p.grad)  # empty_like: the weight's own layout
-                state = self.state.get(p)
-                for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if state else ():
-                    if name in state and state[name].stride() != p.stride():
-                        state[name] = torch.empty_like(p).copy_(state[name])
-                # Not before the first step, which makes the moments in the weight's shape, nor with a
-                # closure, which runs the model (its weights must keep their shapes)
-                if state and p.grad is not None and closure is None and _fills_its_memory(p):
-                    flattened.append(_step_flat(p, state))
         try:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.dim() != 4:  # only 4-d tensors here have several layouts
+                        continue
+                    if p.grad is not None and p.grad.stride() != p.stride():
+                        p.grad = torch.empty_like(p).copy_(p.grad)  # empty_like: the weight's own layout
+                    state = self.state.get(p)
+                    for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if state else ():
+                        if name in state and state[name].stride() != p.stride():
+                            state[name] = torch.empty_like(p).copy_(state[name])
+                    # Not before the first step, which makes the moments in the weight's shape, nor with a
+                    # closure, which runs the model (its weights must keep their shapes); CPU only, where
+                    # the copies were measured (the layouts are the CPU's too)
+                    if (state and p.grad is not None and closure is None and p.device.type == "cpu"
+                            and _fills_its_memory(p)):
+                        _step_flat(p, state, flattened)
             return super().step(closure)
-        finally:
+        finally:  # also when stopped before the step (Ctrl-C, out of memory): every weight back in shape
             for p, data, grad, moments in flattened:
                 p.grad = None
                 p.data, p.grad = data, grad
@@ -97,19 +99,19 @@ def _fills_its_memory(t: torch.Tensor) -> bool:
     return True
 
 
-def _step_flat(p: torch.nn.Parameter, state: dict) -> tuple:
-    """Make `p`, its gradient and its moments flat views of their memory for one step; returns what
-    puts them back."""
+def _step_flat(p: torch.nn.Parameter, state: dict, undo: list) -> None:
+    """Make `p`, its gradient and its moments flat views of their memory for one step, having first
+    put in `undo` what puts them back (so that a stop at any point in between is undone too)."""
     def flat(t):
         return t.as_strided((t.numel(),), (1,))
 
     moments = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
     data, grad = p.data, p.grad
+    undo.append((p, data, grad, moments))
     p.grad = None  # a gradient must match the weight's shape when set
     p.data = flat(data)
     p.grad = flat(grad)
     state.update({k: flat(v) for k, v in moments.items()})
-    return p, data, grad, moments
 
 
 TORCH_ADAMW = partial(LayoutSafeAdamW, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True)

@@ -245,8 +245,9 @@ def _tap_major(weight: nn.Parameter) -> None:
     plainly (out, in, kh, kw), the centre tap is every ninth number: gathering it, casting it to bf16
     and scattering its gradient back took ~8 ms of a ~108 ms bf16 step at batch 256 on 2 cores (an
     Intel Xeon with AMX) for layer4's four such kernels. The optimiser state follows the weight's
-    layout (`train.learner.LayoutSafeAdamW`, which also steps such weights as flat memory). Not on a
-    run of several processes, whose DDP fixed each gradient's layout when it wrapped the model."""
+    layout (`train.learner.LayoutSafeAdamW`, which also steps such weights as flat memory), also when
+    `small_map_convs` has put the weight back between two fits. Not on a run of several processes,
+    whose DDP fixed each gradient's layout when it wrapped the model."""
     if weight.stride() != _tap_major_strides(weight.shape) and distributed.world_size() == 1:
         weight.data = weight.data.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
 
@@ -278,8 +279,11 @@ def small_map_convs(model: nn.Module, enabled: bool = True):
     """Within the block, the model's 3x3 convolutions take the shortcuts when their input is 1x1
     or 2x2, and any of its convolutions elsewhere takes its weight gradient as a matrix product
     where that was timed faster (else the normal convolution runs); its global poolings pass a
-    1x1 map through."""
+    1x1 map through. Weights laid out tap by tap in the block are put back in the layout they had
+    when it began: outside it they meet oneDNN, which reorders such a weight on every call (a
+    resnet18 forward pass at 28 px took 3x as long), and the exported model is saved as it is."""
     patched = [m for m in model.modules() if _eligible(m) or _is_global_pool(m)] if enabled else []
+    layouts = [(m.weight, m.weight.stride()) for m in patched if isinstance(m, nn.Conv2d)]
     for m in patched:
         m.forward = types.MethodType(_forward if isinstance(m, nn.Conv2d) else _pool_forward, m)
     try:
@@ -287,3 +291,7 @@ def small_map_convs(model: nn.Module, enabled: bool = True):
     finally:
         for m in patched:
             m.__dict__.pop("forward", None)
+        for weight, stride in layouts:
+            if weight.stride() != stride and weight.stride() == _tap_major_strides(weight.shape):
+                weight.data = torch.empty_strided(weight.shape, stride, dtype=weight.dtype,
+                                                  device=weight.device).copy_(weight.data)
