@@ -62,6 +62,21 @@ def test_mnist_folder_layout_matches_idx_pixels(mnist_arrays, mnist_folder, monk
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
 
 
+def test_mnist_idx_at_another_size_matches_the_png_layout(mnist_arrays, mnist_folder, monkeypatch):
+    """At another size than 28 the IDX arrays are resized as the PNGs are when decoded through the
+    model's transforms: the pixels a served upload of the same digit gets."""
+    from train.data import _resized
+    monkeypatch.setenv("MNIST_DIR", str(mnist_folder))
+    for size in (36, 20):
+        from_pngs = load_data("mnist", size, progress=False)
+        for digit in (0, 7):  # the folder holds the first 30 of each digit, in its own file order
+            ours = from_pngs.images[(from_pngs.labels == digit) & ~from_pngs.is_valid]
+            first = [i for i, y in enumerate(mnist_arrays.train_labels) if y == digit][:len(ours)]
+            from_idx = _resized(mnist_arrays.train_images[first], size)
+            assert from_idx.shape == (len(ours), 3, size, size)
+            assert sorted(x.numpy().tobytes() for x in from_idx) == sorted(x.numpy().tobytes() for x in ours)
+
+
 def test_mnist_missing_copy_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MNIST_DIR", str(tmp_path))
     assert main(["mnist", "--out", str(tmp_path / "m"), "-q"]) == 2
