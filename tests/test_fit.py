@@ -225,6 +225,11 @@ def test_adamw_steps_a_weight_whose_state_has_another_layout_correctly(stale):
     assert not two_steps(False).is_contiguous(memory_format=cl)  # the weight itself stays as it was
 
 
+def _tap_major(t: torch.Tensor) -> torch.Tensor:
+    """`t` laid out as train/smallmaps.py lays out layer4's 1x1-map kernels: (kh, kw, out, in) in memory."""
+    return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "tap_major", "contiguous"])
 def test_adamw_steps_weights_of_any_layout_as_contiguous_ones(layout, monkeypatch):
     """Training's AdamW steps a weight laid out other than contiguously as the flat memory it fills
@@ -238,7 +243,7 @@ def test_adamw_steps_weights_of_any_layout_as_contiguous_ones(layout, monkeypatc
     torch.manual_seed(0)
     w0, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(3)]
     lay = {"channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
-           "tap_major": lambda t: t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1),
+           "tap_major": _tap_major,
            "contiguous": lambda t: t.contiguous()}[layout]
 
     def three_steps(layout_of) -> tuple:
@@ -265,8 +270,7 @@ def test_adamw_stopped_before_its_step_leaves_every_weight_in_shape(monkeypatch)
     """A stop between flattening one weight and the step (Ctrl-C, out of memory while putting a later
     gradient in its weight's layout) must not leave that weight, its gradient or moments flat."""
     from train.learner import TORCH_ADAMW
-    tap_major = lambda t: t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)  # noqa: E731
-    ps = [torch.nn.Parameter(tap_major(torch.randn(8, 4, 3, 3))) for _ in range(2)]
+    ps = [torch.nn.Parameter(_tap_major(torch.randn(8, 4, 3, 3))) for _ in range(2)]
     opt = TORCH_ADAMW(ps, lr=0.01)
     for p in ps:
         p.grad = torch.randn_like(p)

@@ -62,6 +62,16 @@ def test_mnist_folder_layout_matches_idx_pixels(mnist_arrays, mnist_folder, monk
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
 
 
+def test_mnist_from_idx_files_at_another_size(mnist_arrays, mnist_dir, monkeypatch):
+    """`python -m train mnist --size 36` on the IDX files: every digit resized (the check below)."""
+    from train.data import _resized
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    cache = load_data("mnist", 36, progress=False)
+    assert cache.images.shape == (70_000, 3, 36, 36) and int(cache.is_valid.sum()) == 10_000
+    assert torch.equal(cache.images[:3], _resized(mnist_arrays.train_images[:3], 36))
+    assert torch.equal(cache.images[-1:], _resized(mnist_arrays.valid_images[-1:], 36))
+
+
 def test_mnist_idx_at_another_size_matches_the_png_layout(mnist_arrays, mnist_folder, monkeypatch):
     """At another size than 28 the IDX arrays are resized as the PNGs are when decoded through the
     model's transforms: the pixels a served upload of the same digit gets."""

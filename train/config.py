@@ -19,8 +19,9 @@ from models.cli import fraction, non_negative_int, number, positive_int, seed_in
 # time on three of the four kinds measured (not an Intel Xeon computing in fp32). Four epochs average
 # 99.50% (a median of three seeds at the line as often as not) and fit in it on two; five and six
 # are no better than four. 36 px inputs reach it (99.56/99.53/99.51%: layer4 then sees 2x2 maps, not
-# 1x1) but an epoch costs ~1.6x, 1.00-1.23 of the article's time on an AMX Xeon: not yet the default. Some thirty variants of lr, batch, weight decay, dropout, label smoothing and
-# augmentation moved nothing beyond the seed noise (+-0.06 point a run).
+# 1x1) but an epoch costs ~1.6x, 1.00-1.23 of the article's time on an AMX Xeon: not yet the default.
+# Some thirty variants of lr, batch, weight decay, dropout, label smoothing and augmentation moved
+# nothing beyond the seed noise (+-0.06 point a run).
 # One epoch favours more, smaller steps and no augmentation: batch 128 at lr 0.008 in fp32 gives
 # 99.0 +- 0.1% (batch 256: 98.83-98.99%; lr 0.01: 98.85-98.95%; bf16: 98.87% at seed 42), so a
 # one-epoch run gets MNIST_ONE_EPOCH's settings unless they are given.

@@ -368,7 +368,7 @@ def _resized(grey: np.ndarray, size: int) -> torch.Tensor:
     """Grey images (N, H, W) squished to `size` as the model's item transforms do it (`Resize`'s
     squish: PIL's bilinear resize of the whole image), on the grey image before the channel is
     repeated (PIL filters each channel alike): the pixels a PNG of the digit gets, decoded, and so
-    what a served upload of it gets (tested). ~1 s for MNIST's 70,000; through the transforms one
+    what a served upload of it gets (tested). ~2 s for MNIST's 70,000; through the transforms one
     image at a time, as the PNGs are, 28 s."""
     from PIL import Image
     out = torch.empty(len(grey), 3, size, size, dtype=torch.uint8)
