@@ -72,6 +72,15 @@ def test_mnist_from_idx_files_at_another_size(mnist_arrays, mnist_dir, monkeypat
     assert torch.equal(cache.images[-1:], _resized(mnist_arrays.valid_images[-1:], 36))
 
 
+def test_mnist_at_a_size_beyond_memory_is_a_clear_error(mnist_dir, tmp_path, monkeypatch):
+    """70,000 images at 1,000 px would be 210 GB: refused with what it takes, not a traceback."""
+    monkeypatch.setenv("MNIST_DIR", str(mnist_dir))
+    r = run_cli(["mnist", "--size", "1000", "--epochs", "1", "--out", tmp_path / "m", "-q"], timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "--size 1000 needs 195.6 GB" in r.stderr and "smaller --size" in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_mnist_idx_at_another_size_matches_the_png_layout(mnist_arrays, mnist_folder, monkeypatch):
     """At another size than 28 the IDX arrays are resized as the PNGs are when decoded through the
     model's transforms: the pixels a served upload of the same digit gets."""

@@ -358,10 +358,24 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
     if size == grey.shape[-1]:
         x = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
     else:
+        _check_fits_in_memory(len(grey) * 3 * size * size, size)
         x = _resized(grey, size)
     labels = [str(int(l)) for l in np.concatenate([arrays.train_labels, arrays.valid_labels])]
     valid = [False] * len(arrays.train_labels) + [True] * len(arrays.valid_labels)
     return _build_cache(x, labels, valid, f"MNIST IDX files in {arrays.source}", "mnist", [], [(28, 28)] * len(labels))
+
+
+def _check_fits_in_memory(n_bytes: int, size: int) -> None:
+    """MNIST's images are held in memory (no disk cache): refuse a --size whose images alone would
+    not fit in this machine's, with what it would take, rather than fail to allocate (or swap) later."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no such query here: let the allocation say
+        return
+    if n_bytes > total // 2:
+        raise DataError(f"MNIST at --size {size} needs {n_bytes / 2**30:.1f} GB of memory for its images, "
+                        f"more than half of this machine's {total / 2**30:.1f} GB: use a smaller --size "
+                        "(28, its native size, or up to a few times that)")
 
 
 def _resized(grey: np.ndarray, size: int) -> torch.Tensor:
