@@ -1,4 +1,4 @@
-"""The training shortcuts for 3x3 convolutions on 1x1 and 2x2 maps: exact, taken where they
+"""The training shortcuts for 3x3 convolutions on 1x1, 2x2 and 3x3 maps: exact, taken where they
 apply, and gone after the block."""
 from __future__ import annotations
 
@@ -61,11 +61,12 @@ def _outputs_and_grads(model, x, y):
 
 
 # 28 px: layer3 on 2x2 maps (stride 1), layer4's first conv 2x2 -> 1x1 (stride 2), then 1x1 maps.
-# 20 px: layer3 starts from a 3x3 map (normal path), then the same shortcuts. 64 px: layer4 on 2x2.
-# 48 px: layer4 on 2x2 reached from an odd 3x3 map. 96 px: no map below 3x3, all normal.
+# 20 px: layer3's first conv 3x3 -> 2x2 (windows, stride 2), then the same shortcuts. 64 px: layer4 on
+# 2x2. 36 and 48 px: layer3 on 3x3 maps (normal path with gradients), layer4's first conv 3x3 -> 2x2
+# (windows), then 2x2. 96 px: no map below 3x3, all normal.
 @pytest.mark.parametrize("weight_grads", ["onednn", "matmul"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("size", [28, 20, 64, 48, 96])
+@pytest.mark.parametrize("size", [28, 20, 64, 36, 48, 96])
 def test_resnet18_outputs_and_gradients_are_unchanged(size, layout, weight_grads, monkeypatch):
     monkeypatch.setattr(smallmaps, "_matmul_pays_off", lambda conv, x: weight_grads == "matmul")
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def test_resnet18_outputs_and_gradients_are_unchanged(size, layout, weight_grads
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 1), ((2, 2), 2), ((1, 2), 1), ((3, 3), 1)])
+@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 1), ((2, 2), 2), ((1, 2), 1), ((3, 3), 1), ((3, 3), 2)])
 def test_a_conv_with_bias_matches(hw, stride):
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 7, 3, stride=stride, padding=1, bias=True).double()
@@ -135,6 +136,44 @@ def test_the_weight_gradients_product_under_bf16_autocast(kernel, stride, paddin
     got = _bf16_output_and_grads(conv, x)
     _assert_bf16_close(got, want)
     assert got[2].stride() == conv.weight.stride()
+
+
+def _count_windows(monkeypatch) -> list:
+    """A list that grows by one each time `_WindowConv` runs forward."""
+    calls = []
+    apply = smallmaps._WindowConv.apply
+    monkeypatch.setattr(smallmaps._WindowConv, "apply", lambda *a: calls.append(a[3]) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("bias", [True, False])
+def test_3x3_maps_by_windows_match_the_convolution(layout, bias, monkeypatch):
+    """On a 3x3 map each output position's window products: at stride 2 always, at stride 1 without
+    gradients only (validation; training keeps oneDNN's there, faster with its backward). Equal in
+    float64, with an output and gradients in the layouts the convolution gives."""
+    torch.manual_seed(0)
+    windows = _count_windows(monkeypatch)
+    for stride in (1, 2):
+        conv = nn.Conv2d(5, 7, 3, stride=stride, padding=1, bias=bias).double().to(memory_format=layout)
+        x = torch.randn(4, 5, 3, 3, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+        params = [x, conv.weight] + ([conv.bias] if bias else [])
+        ref = conv(x)
+        ref_grads = torch.autograd.grad(ref.square().sum(), params)
+        with small_map_convs(conv):
+            with torch.no_grad():
+                torch.testing.assert_close(conv(x), ref, rtol=1e-12, atol=1e-12)
+                assert windows.pop() == stride
+            out = conv(x)
+            assert windows == ([2] if stride == 2 else [])
+            grads = torch.autograd.grad(out.square().sum(), params)
+        windows.clear()
+        assert out.stride() == ref.stride()
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+        if layout == torch.channels_last:  # the weight's gradient in its layout: autograd need not copy it
+            assert grads[1].stride() == conv.weight.stride()
 
 
 def test_the_choice_is_timed_once_per_shape_and_draws_no_random_numbers(monkeypatch):
@@ -196,6 +235,17 @@ def test_shortcuts_are_taken_at_28px_and_channels_last(monkeypatch):
     with small_map_convs(model):
         model(x)
     assert len(calls) == 13
+    # 36 px: layer4's first conv steps 3x3 -> 2x2 by windows, its other three 3x3 convs see 2x2 maps;
+    # without gradients (validation) layer3's three stride-1 convs on 3x3 maps go by windows too.
+    x = torch.randn(4, 3, 36, 36).contiguous(memory_format=torch.channels_last)
+    calls.clear()
+    with small_map_convs(model):
+        model(x)
+        assert len(calls) == 16
+        calls.clear()
+        with torch.no_grad():
+            model(x)
+        assert len(calls) == 13
 
 
 def test_the_heads_pooling_passes_a_1x1_map_through(monkeypatch):
@@ -212,19 +262,24 @@ def test_the_heads_pooling_passes_a_1x1_map_through(monkeypatch):
         assert len(calls) == 2
 
 
-def test_2x2_maps_stay_channels_last():
-    """layer3's 2x2 products hand their maps on in the input's layout: every BatchNorm of layer3
-    sees channels-last maps, as it does without the shortcuts (a channels-first 2x2 map made its
-    backward ~5x slower); a channels-first model stays channels-first."""
+@pytest.mark.parametrize("size,stage", [(28, 6), (36, 7), (36, 6)])
+def test_small_maps_stay_channels_last(size, stage):
+    """The 2x2 products (layer3 at 28 px, layer4 at 36 px) and the window products (layer4's first conv
+    at 36 px; layer3's on 3x3 maps in validation) hand their maps on in the input's layout: every
+    BatchNorm of the stage sees channels-last maps, as it does without the shortcuts (a channels-first
+    2x2 map made its backward ~5x slower, and one laid out neither way ~8x); a channels-first model
+    stays channels-first."""
     for layout in (torch.channels_last, torch.contiguous_format):
         model = create_vision_model(resnet18, 10, pretrained=False).to(memory_format=layout)
         seen = []
-        for m in model[0][6].modules():
+        for m in model[0][stage].modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=layout)))
         with small_map_convs(model):
-            model(torch.randn(4, 3, 28, 28).contiguous(memory_format=layout))
-        assert len(seen) == 5 and all(seen), (layout, seen)
+            model(torch.randn(4, 3, size, size).contiguous(memory_format=layout))
+            with torch.no_grad():
+                model(torch.randn(4, 3, size, size).contiguous(memory_format=layout))
+        assert len(seen) == 10 and all(seen), (layout, seen)
 
 
 def test_removed_after_the_block_even_on_error():
@@ -294,7 +349,7 @@ def test_layouts_are_left_alone_on_several_processes(monkeypatch):
                if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
 
 
-@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 2), ((2, 2), 1)])
+@pytest.mark.parametrize("hw,stride", [((1, 1), 1), ((2, 2), 2), ((2, 2), 1), ((3, 3), 2)])
 def test_shortcuts_under_bf16_autocast_match_the_convolution(hw, stride):
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
