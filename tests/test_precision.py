@@ -1,6 +1,6 @@
 """Mixed precision in training (train/precision.py): on a CPU with native bf16 where a timed step
-says it is faster, training batches run under bf16 autocast; validation, the weights, the optimiser
-and the export stay fp32. Without native bf16, where it is not faster, and with --precision fp32,
+says it is faster, training batches run under bf16 autocast, and so does the validation of every
+epoch but the last (of all of them with --patience); the weights, the optimiser and the export stay fp32. Without native bf16, where it is not faster, and with --precision fp32,
 everything is fp32."""
 from __future__ import annotations
 
@@ -14,25 +14,33 @@ from train.precision import cpu_has_native_bf16
 NATIVE = cpu_has_native_bf16()
 
 
-def _fit_recording_dtypes(folder, tmp_path, precision: str, *cbs) -> tuple[set, set, object]:
-    """Fit one epoch on `folder` (with the callbacks `cbs` added); the dtypes of the first
-    convolution's output in training batches and in validation batches, and the learner."""
+def _fit_recording_dtypes(folder, tmp_path, precision: str, *cbs, epochs: int = 1, patience: int = 0,
+                          per_epoch: bool = False) -> tuple:
+    """Fit `epochs` on `folder` (with the callbacks `cbs` added); the dtypes of the first convolution's
+    output in training batches and in validation batches (with `per_epoch`, a list of the validation
+    dtypes of each epoch instead), and the learner."""
     from fastai.torch_core import set_seed
     from train.config import TrainConfig
     from train.data import build_dataloaders, load_data
     from train.learner import build_learner, fit, plan_phases
     set_seed(0, reproducible=True)
-    cfg = TrainConfig(source=str(folder), out=str(tmp_path / "m"), epochs=1, size=28, bs=32, lr="0.01",
+    cfg = TrainConfig(source=str(folder), out=str(tmp_path / "m"), epochs=epochs, size=28, bs=32, lr="0.01",
                       augment=False, quiet=True, precision=precision).resolve()
     cache = load_data(cfg.source, 28, progress=False)
     learn = build_learner(build_dataloaders(cache, 32, *cache.stats()), cfg, torch.device("cpu"), tmp_path)
     for cb in cbs:
         learn.add_cb(cb)
     seen = {True: set(), False: set()}
-    hook = learn.model[0][0].register_forward_hook(lambda m, i, out: seen[m.training].add(out.dtype))
-    fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True)
+    valid_per_epoch = [set() for _ in range(epochs)]
+
+    def record(m, i, out):
+        seen[m.training].add(out.dtype)
+        if not m.training:  # validation (and the last epoch's precise-BN pass, in fp32 like it)
+            valid_per_epoch[learn.epoch].add(out.dtype)
+    hook = learn.model[0][0].register_forward_hook(record)
+    fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True, patience=patience)
     hook.remove()
-    return seen[True], seen[False], learn
+    return seen[True], (valid_per_epoch if per_epoch else seen[False]), learn
 
 
 def test_training_batches_in_bf16_where_native_validation_in_fp32(mnist_folder, tmp_path, monkeypatch):
@@ -48,6 +56,23 @@ def test_training_batches_in_bf16_where_native_validation_in_fp32(mnist_folder, 
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     assert all(v.dtype == torch.float32 for s in learn.opt.state_dict()["state"].values()
                for v in s.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+@pytest.mark.parametrize("patience", [0, 5])
+def test_earlier_epochs_validate_in_bf16_the_last_and_any_with_patience_in_fp32(mnist_folder, tmp_path, monkeypatch,
+                                                                                 patience):
+    """Validation under autocast too, as fastai's MixedPrecision validates, except the last epoch's
+    (metadata.json's metrics, the outputs the export reuses) and, with --patience, every epoch's: the
+    best epoch is chosen by its validation loss, which must be the fp32 weights' own. bf16 is taken here
+    whatever this CPU has (without native bf16 torch emulates it, slowly): the choice is not under test."""
+    import train.precision as precision
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "step_seconds", lambda model, shape: {"fp32": 0.2, "bf16": 0.1})
+    _, per_epoch, learn = _fit_recording_dtypes(mnist_folder, tmp_path, "auto", epochs=3, patience=patience,
+                                                per_epoch=True)
+    assert precision.precision_of(learn) == "bf16"
+    earlier = torch.float32 if patience else torch.bfloat16
+    assert per_epoch == [{earlier}, {earlier}, {torch.float32}]
 
 
 def test_timing_the_steps_leaves_the_model_and_the_seed_as_found():
