@@ -96,6 +96,26 @@ def test_mnist_idx_at_another_size_matches_the_png_layout(mnist_arrays, mnist_fo
             assert sorted(x.numpy().tobytes() for x in from_idx) == sorted(x.numpy().tobytes() for x in ours)
 
 
+def test_greyscale_training_batches_are_augmented_as_one_channel(mnist_folder, photos, monkeypatch):
+    """Digits (three equal channels) are augmented as one channel, then repeated: the same batches,
+    bit for bit, as augmenting all three, training and validation alike; colour photos keep three."""
+    import itertools
+    from fastai.torch_core import set_seed
+    from train import data
+    cache = data.load_data(str(mnist_folder), 28, progress=False)
+    assert cache.is_grey() and not data.load_data(str(photos["root"]), 32, progress=False).is_grey()
+
+    def batches(grey: bool) -> list:
+        monkeypatch.setattr(data.ImageCache, "is_grey", lambda self: grey)
+        set_seed(0)
+        dls = data.build_dataloaders(cache, 32, *cache.stats(), augment=True, flip=False)
+        assert ("OneChannel" in [type(t).__name__ for t in dls.train.after_batch.fs]) == grey
+        return [x for x, _ in itertools.islice(dls.train, 3)] + [dls.valid.one_batch()[0]]
+    one, three = batches(True), batches(False)
+    assert all(a.shape[1:] == (3, 28, 28) and torch.equal(a, b) for a, b in zip(one, three))
+    assert not torch.equal(one[0], one[1])  # (augmented batches, not one repeated)
+
+
 def test_mnist_missing_copy_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MNIST_DIR", str(tmp_path))
     assert main(["mnist", "--out", str(tmp_path / "m"), "-q"]) == 2
