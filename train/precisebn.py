@@ -47,7 +47,9 @@ def picked(n_items: int, n: int = N_IMAGES) -> list[int]:
 
 class _Pooled:
     """A BatchNorm input's per-channel count, mean and sum of squared deviations, pooled over batches
-    in float64 (Chan et al.: exact whatever the batches' sizes and means)."""
+    in float64 (Chan et al.: exact whatever the batches' sizes and means). Each batch's own figures are
+    taken in its float32 (to ~6e-8, relative): converting the batch to float64 first took ~1.4 of ~3.2 s
+    for 4,096 MNIST digits at 36 px on 2 cores, ~0.6 s of it the conversion."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
@@ -55,7 +57,7 @@ class _Pooled:
     def __call__(self, module, inputs, output):
         x = inputs[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]  # all but the channels
-        var, mean = torch.var_mean(x.double(), dims, unbiased=False)
+        var, mean = (v.double() for v in torch.var_mean(x.float(), dims, unbiased=False))
         nb = x.numel() // x.shape[1]
         if self.mean is None:
             self.n, self.mean, self.m2 = nb, mean, var * nb
