@@ -264,8 +264,9 @@ def test_bench_lists_of_numbers_are_argparse_errors(argv, message):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["mnist"], dict(epochs=3, bs=256, lr="0.02", size=28, augment=True, flip=False)),
-    (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.008", augment=False)),  # one epoch: more, smaller steps
+    (["mnist"], dict(epochs=3, bs=256, lr="0.02", size=36, augment=True, flip=False)),
+    (["mnist", "--epochs", "1"], dict(epochs=1, bs=128, lr="0.008", size=28, augment=False)),  # one epoch: more, smaller steps
+    (["mnist", "--epochs", "1", "--size", "36"], dict(size=36)),
     (["mnist", "--epochs", "1", "--augment"], dict(augment=True)),
     (["mnist", "--epochs", "1", "--bs", "64"], dict(bs=64, lr="0.008")),       # a given value always wins
     (["mnist", "--epochs", "3", "--lr", "0.02"], dict(bs=256, lr="0.02")),
