@@ -35,10 +35,16 @@ def _fit_recording_dtypes(folder, tmp_path, precision: str, *cbs, epochs: int = 
 
     def record(m, i, out):
         seen[m.training].add(out.dtype)
-        if not m.training:  # validation (and the last epoch's precise-BN pass, in fp32 like it)
+        if not m.training and fitting:  # validation (and the last epoch's precise-BN pass, in fp32 like it)
             valid_per_epoch[learn.epoch].add(out.dtype)
+    fitting = True
     hook = learn.model[0][0].register_forward_hook(record)
     fit(learn, plan_phases(cfg, 0.01), tmp_path / "c.pth", {}, quiet=True, patience=patience)
+    fitting = False
+    if per_epoch:  # and a pass after the fit, as the export scores restored best weights: fp32
+        seen[False].clear()
+        learn.get_preds()
+        valid_per_epoch.append(set(seen[False]))
     hook.remove()
     return seen[True], (valid_per_epoch if per_epoch else seen[False]), learn
 
@@ -63,7 +69,8 @@ def test_earlier_epochs_validate_in_bf16_the_last_and_any_with_patience_in_fp32(
                                                                                  patience):
     """Validation under autocast too, as fastai's MixedPrecision validates, except the last epoch's
     (metadata.json's metrics, the outputs the export reuses) and, with --patience, every epoch's: the
-    best epoch is chosen by its validation loss, which must be the fp32 weights' own. bf16 is taken here
+    best epoch is chosen by its validation loss, which must be the fp32 weights' own. A pass after the
+    fit (the export's scoring of restored best weights, `get_preds`) is fp32 too. bf16 is taken here
     whatever this CPU has (without native bf16 torch emulates it, slowly): the choice is not under test."""
     import train.precision as precision
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
@@ -72,7 +79,7 @@ def test_earlier_epochs_validate_in_bf16_the_last_and_any_with_patience_in_fp32(
                                                 per_epoch=True)
     assert precision.precision_of(learn) == "bf16"
     earlier = torch.float32 if patience else torch.bfloat16
-    assert per_epoch == [{earlier}, {earlier}, {torch.float32}]
+    assert per_epoch == [{earlier}, {earlier}, {torch.float32}, {torch.float32}]
 
 
 def test_timing_the_steps_leaves_the_model_and_the_seed_as_found():

@@ -355,3 +355,19 @@ def test_shortcuts_under_bf16_autocast_match_the_convolution(hw, stride):
     conv = nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(4, 16, *hw, requires_grad=True)
     _assert_bf16_close(_bf16_output_and_grads(conv, x), _bf16_output_and_grads(conv, x, shortcuts=False))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_3x3_windows_in_validation_under_bf16_autocast(stride, monkeypatch):
+    """How earlier epochs validate in a bf16 run (train/precision.py): no gradients, autocast on."""
+    torch.manual_seed(0)
+    windows = _count_windows(monkeypatch)
+    conv = nn.Conv2d(16, 8, 3, stride=stride, padding=1, bias=True).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = conv(x)
+        with small_map_convs(conv):
+            got = conv(x)
+    assert windows == [stride] and got.dtype == want.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -17,7 +17,7 @@ from models.cli import fraction, non_negative_int, number, positive_int, seed_in
 # with batch augmentation (small rotations, zoom, warp, lighting; no flips), at 36 px: the digits are
 # resized from 28 so that resnet18's maps after the stem are 9, 5, 3 and 2 px wide, not 7, 4, 2 and 1,
 # and layer4's 3x3 kernels see 2x2 maps instead of using their centre tap alone. For issue 14's
-# >= 99.5% within the article's time: 99.53% (median of seeds 42, 1, 2) at 0.76-0.99 of its time on
+# >= 99.5% within the article's time: 99.53% (median of seeds 42, 1, 2) at 0.94-1.00 of its time on
 # an Intel Xeon with AMX. At 28 px three epochs gave 99.36-99.45% on every machine, four 99.50% on
 # average, five and six no more; some thirty variants of lr, batch, weight decay, dropout, label
 # smoothing and augmentation moved nothing beyond the seed noise (+-0.06 point a run).
@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(divide --bs by the number of processes to keep a one-process run's batch)")
     p.add_argument("--size", type=positive_int, default=0,
                    help="image size in pixels, images are squished to size x size "
-                        f"(default: MNIST {MNIST_DEFAULTS['size']}, {MNIST_ONE_EPOCH['size']} for one epoch (its "
-                        "28x28 digits resized, so that resnet18's last stage sees 2x2 maps, not 1x1); photos 128, "
+                        f"(default: MNIST {MNIST_DEFAULTS['size']}, its 28x28 digits resized so that resnet18's "
+                        f"last stage sees 2x2 maps, not 1x1, and {MNIST_ONE_EPOCH['size']} for one epoch; photos 128, "
                         "with --pretrained 224)")
     p.add_argument("--valid-pct", type=fraction, default=0.2,
                    help="share of each class to validate on, for folders not already split (default 0.2)")

@@ -57,7 +57,8 @@ class _Pooled:
     def __call__(self, module, inputs, output):
         x = inputs[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]  # all but the channels
-        var, mean = (v.double() for v in torch.var_mean(x.float(), dims, unbiased=False))
+        x = x if x.dtype == torch.float64 else x.float()
+        var, mean = (v.double() for v in torch.var_mean(x, dims, unbiased=False))
         nb = x.numel() // x.shape[1]
         if self.mean is None:
             self.n, self.mean, self.m2 = nb, mean, var * nb
