@@ -112,7 +112,6 @@ class ImageCache:
         std = ((squares - n * mean.square()) / (n - 1)).clamp_min(0).sqrt()  # unbiased, as torch.std
         return mean.tolist(), std.tolist()
 
-
     def is_grey(self) -> bool:
         """Whether every training image has three equal channels (MNIST, any greyscale set), read in
         chunks of images, stopping at the first that does not."""
@@ -366,7 +365,7 @@ def mnist_cache(arrays: MnistArrays, size: int = 28) -> ImageCache:
     the PNGs with `RGBImage` gives; at another size than 28, resized as the PNGs would be."""
     grey = np.concatenate([arrays.train_images, arrays.valid_images])
     if size == grey.shape[-1]:
-        x = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
+        x = _as_rgb(grey)
     else:
         _check_fits_in_memory(len(grey) * 3 * size * size, size)
         x = _resized(grey, size)
@@ -388,6 +387,11 @@ def _check_fits_in_memory(n_bytes: int, size: int) -> None:
                         "(28, its native size, or up to a few times that)")
 
 
+def _as_rgb(grey: np.ndarray) -> torch.Tensor:
+    """uint8 grey images (N, H, W) as (N, 3, H, W), the channel repeated, as PIL's convert("RGB") does."""
+    return torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
 def _resized(grey: np.ndarray, size: int) -> torch.Tensor:
     """Grey images (N, H, W) squished to `size` as the model's item transforms do it (`Resize`'s
     squish: PIL's bilinear resize of the whole image), on the grey image before the channel is
@@ -398,7 +402,7 @@ def _resized(grey: np.ndarray, size: int) -> torch.Tensor:
     out = np.empty((len(grey), size, size), dtype=np.uint8)
     for i, a in enumerate(grey):
         out[i] = np.asarray(Image.fromarray(a, "L").resize((size, size), Image.BILINEAR))
-    return torch.from_numpy(out)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return _as_rgb(out)
 
 
 def load_data(source: str, size: int, valid_pct: float = 0.2, seed: int = 42, mnist_dir=None,

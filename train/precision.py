@@ -61,6 +61,7 @@ class CpuMixedPrecision(Callback):
     validation batch's but those of a phase's last epoch, or of any epoch when a patience picks the
     epoch to keep by its validation loss: those run in fp32, the numbers of the weights as served."""
     order = 10  # where fastai's MixedPrecision sits: before the loss, after the batch is on its device
+    _mixed_validation = False
 
     def before_fit(self):
         self._mixed_validation = False  # (get_preds and validate, the export's scoring, fire before_fit too)
@@ -77,7 +78,7 @@ class CpuMixedPrecision(Callback):
         self._mixed_validation = False
 
     def before_batch(self):
-        mixed = self.training or getattr(self, "_mixed_validation", False)
+        mixed = self.training or self._mixed_validation
         self._autocast = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else None
         if self._autocast is not None:
             self._autocast.__enter__()
@@ -115,10 +116,11 @@ def apply_precision(learn: Learner, device: torch.device, precision: str = "auto
         def decide():
             if not cpu_has_native_bf16():
                 return False
-            if batch_shape is None or cpu_has_amx():
-                if batch_shape is not None:
-                    log.info("precision auto: this CPU multiplies bf16 in AMX tiles; training in bf16 mixed "
-                             "precision (not timed)")
+            if batch_shape is None:
+                return True
+            if cpu_has_amx():
+                log.info("precision auto: this CPU multiplies bf16 in AMX tiles; training in bf16 mixed "
+                         "precision (not timed)")
                 return True
             return bf16_pays_off(learn, batch_shape)
         if distributed.from_rank0(decide):

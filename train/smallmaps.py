@@ -33,8 +33,10 @@ so nothing of this module is pickled with the learner.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,11 +146,18 @@ def _forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return self._conv_forward(x, self.weight, self.bias)
 
 
-def _window_groups(h: int, w: int, stride: int) -> list[list[tuple[slice, slice, slice, slice, int]]]:
+class _WindowPlan(NamedTuple):
+    groups: list          # per window size: (rows, columns, tap rows, tap columns) of each output position
+    out_hw: tuple         # the output's (height, width)
+    positions: torch.Tensor  # the row-major index of each output position, in the groups' order
+
+
+@functools.lru_cache(maxsize=None)
+def _window_plan(h: int, w: int, stride: int) -> _WindowPlan:
     """For a 3x3 convolution with padding 1 on an h x w map: each output position's window of the input
-    (rows, columns) and the kernel taps it meets (rows, columns), with the position's row-major index,
-    grouped by the window's size (positions of one size are one batched product). On a 3x3 map at
-    stride 1: 4 corners see 2x2 windows, 4 edges 2x3 or 3x2, the centre all of it (49 of 81 pairs)."""
+    (rows, columns) and the kernel taps it meets (rows, columns), grouped by the window's size
+    (positions of one size are one batched product). On a 3x3 map at stride 1: 4 corners see 2x2
+    windows, 4 edges 2x3 or 3x2, the centre all of it (49 of 81 pairs)."""
     def spans(size, out):
         for p in range(out):
             lo, hi = max(0, p * stride - 1), min(size, p * stride + 2)  # the input rows (columns) it sees
@@ -159,13 +168,14 @@ def _window_groups(h: int, w: int, stride: int) -> list[list[tuple[slice, slice,
         for j, (cols, taps_c) in enumerate(spans(w, wo)):
             area = (rows.stop - rows.start) * (cols.stop - cols.start)
             groups.setdefault(area, []).append((rows, cols, taps_r, taps_c, i * wo + j))
-    return list(groups.values())
+    positions = torch.tensor([pos for group in groups.values() for *_, pos in group])
+    return _WindowPlan([[spec[:4] for spec in group] for group in groups.values()], (ho, wo), positions)
 
 
 class _WindowConv(torch.autograd.Function):
     """`F.conv2d(x, weight, bias, stride, padding=1)` of a 3x3 kernel on a 3x3 map as one product per
     output position, of its window of the input (batch x window's taps x c) with the kernel's taps that
-    meet it; positions whose windows have one size are one batched product (`_window_groups`). oneDNN
+    meet it; positions whose windows have one size are one batched product (`_window_plan`). oneDNN
     computes all nine taps at every position, over the padding too: on a 3x3 map 49 of 81 (tap,
     position) pairs meet the input at stride 1, 16 of 36 at stride 2. Profiled at batch 256 in bf16 on
     2 cores (an Intel Xeon with AMX), layer4's first convolution at 36 px took ~6 ms forward and ~7 ms
@@ -179,21 +189,19 @@ class _WindowConv(torch.autograd.Function):
         dtype = _compute_dtype(x)  # what autocast's conv2d computes in
         (n, c, h, w), o = x.shape, weight.shape[0]
         xn, wn = x.to(dtype).permute(0, 2, 3, 1), weight.to(dtype).permute(0, 2, 3, 1)  # (n|o, rows, columns, c)
-        groups = _window_groups(h, w, stride)
+        plan = _window_plan(h, w, stride)
         saved, outs = [], []
-        for group in groups:
-            windows = torch.stack([xn[:, rows, cols].reshape(n, -1) for rows, cols, _, _, _ in group])
-            taps = torch.stack([wn[:, tr, tc].reshape(o, -1) for _, _, tr, tc, _ in group])
+        for group in plan.groups:
+            windows = torch.stack([xn[:, rows, cols].reshape(n, -1) for rows, cols, _, _ in group])
+            taps = torch.stack([wn[:, tr, tc].reshape(o, -1) for _, _, tr, tc in group])
             outs.append(torch.bmm(windows, taps.transpose(1, 2)))              # (positions, n, o)
             saved += [windows, taps]
-        order = torch.tensor([pos for group in groups for *_, pos in group]).argsort()
-        out = torch.cat(outs)[order].transpose(0, 1)                         # (n, positions, o)
+        out = torch.cat(outs)[plan.positions.argsort()].transpose(0, 1)      # (n, positions in row-major order, o)
         if bias is not None:
             out = out + bias.to(dtype)
-        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-        out = out.contiguous().view(n, ho, wo, o).permute(0, 3, 1, 2)     # channels-last (n, o, ho, wo)
+        out = out.contiguous().view(n, *plan.out_hw, o).permute(0, 3, 1, 2)  # channels-last (n, o, ho, wo)
         ctx.save_for_backward(*saved)
-        ctx.groups, ctx.shapes, ctx.order = groups, (n, c, h, w, o, ho, wo), order
+        ctx.plan, ctx.shapes = plan, (n, c, h, w, o)
         ctx.dtypes, ctx.has_bias = (x.dtype, weight.dtype), bias is not None
         return out if _channels_last(x) else out.contiguous()
 
@@ -201,22 +209,22 @@ class _WindowConv(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     @once_differentiable
     def backward(ctx, g):
-        saved, groups = ctx.saved_tensors, ctx.groups
-        (n, c, h, w, o, ho, wo), (x_dtype, w_dtype) = ctx.shapes, ctx.dtypes
+        saved, plan = ctx.saved_tensors, ctx.plan
+        (n, c, h, w, o), (x_dtype, w_dtype) = ctx.shapes, ctx.dtypes
         # (positions, n, o) in the groups' order
-        g_all = g.to(saved[0].dtype).permute(2, 3, 0, 1).reshape(ho * wo, n, o)[ctx.order.argsort()]
+        g_all = g.to(saved[0].dtype).permute(2, 3, 0, 1).reshape(-1, n, o)[plan.positions]
         gx = torch.zeros(n, h, w, c, dtype=x_dtype, device=g.device) if ctx.needs_input_grad[0] else None
         gw = torch.zeros(o, 3, 3, c, dtype=w_dtype, device=g.device) if ctx.needs_input_grad[1] else None
         start = 0
-        for k, group in enumerate(groups):
+        for k, group in enumerate(plan.groups):
             windows, taps = saved[2 * k], saved[2 * k + 1]
             gk = g_all[start:start + len(group)]
             start += len(group)
             if gx is not None:
-                for part, (rows, cols, _, _, _) in zip(torch.bmm(gk, taps), group):
+                for part, (rows, cols, _, _) in zip(torch.bmm(gk, taps), group):
                     gx[:, rows, cols] += part.view(n, rows.stop - rows.start, cols.stop - cols.start, c)
             if gw is not None:
-                for part, (_, _, tr, tc, _) in zip(torch.bmm(gk.transpose(1, 2), windows), group):
+                for part, (_, _, tr, tc) in zip(torch.bmm(gk.transpose(1, 2), windows), group):
                     gw[:, tr, tc] += part.view(o, tr.stop - tr.start, tc.stop - tc.start, c)
         gb = g.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
         # channels-last gradients: the layouts the input and the weight come in, in training
@@ -369,8 +377,8 @@ def _is_global_pool(m: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def small_map_convs(model: nn.Module, enabled: bool = True):
-    """Within the block, the model's 3x3 convolutions take the shortcuts when their input is 1x1
-    or 2x2, and any of its convolutions elsewhere takes its weight gradient as a matrix product
+    """Within the block, the model's 3x3 convolutions take the shortcuts when their input is 1x1,
+    2x2 or 3x3 (at stride 1 on 3x3, without gradients only), and any of its convolutions elsewhere takes its weight gradient as a matrix product
     where that was timed faster (else the normal convolution runs); its global poolings pass a
     1x1 map through. Weights laid out tap by tap in the block are put back in the layout they had
     when it began: outside it they meet oneDNN, which reorders such a weight on every call (a
